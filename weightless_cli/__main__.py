@@ -1,0 +1,3 @@
+from weightless_cli.cli import main
+
+main()
