@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
 import click
 
 from weightless_cli import __version__
-from weightless_cli.errors import EXIT_BAD_INPUT, WeightlessError
+from weightless_cli.console import (
+    Reporter,
+    fmt_bytes,
+    fmt_float,
+    fmt_int,
+    fmt_pct,
+    fmt_str,
+)
+from weightless_cli.errors import EXIT_BAD_INPUT, UsageError, WeightlessError
+from weightless_cli.fileio import check_writable
+from weightless_cli.model import DEFAULT_MIN_PARAMS, OnnxModel, PerTensor, Selection
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -17,6 +29,159 @@ from weightless_cli.errors import EXIT_BAD_INPUT, WeightlessError
 def cli(ctx: click.Context, debug: bool) -> None:
     """Make neural networks small: prune, cluster and Bloomier-encode ONNX weights."""
     ctx.obj = {"debug": debug}
+
+
+# --- shared options -----------------------------------------------------------------
+
+def output_options(command: Callable) -> Callable:
+    """--json and --quiet, for every command."""
+    command = click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors (and --json output).")(command)
+    return click.option("--json", "as_json", is_flag=True,
+                        help="Print one JSON summary to stdout; human output is suppressed.")(command)
+
+
+def writer_options(command: Callable) -> Callable:
+    """-o/--output and -f/--force, for every command that writes a file."""
+    command = click.option("-f", "--force", is_flag=True, help="Overwrite OUTPUT if it exists.")(command)
+    return click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+                        help="File to write (written to a temporary file, then renamed).")(command)
+
+
+def selection_options(command: Callable) -> Callable:
+    """--layers/--exclude/--min-params, for every stage that picks tensors."""
+    command = click.option("--min-params", type=click.IntRange(min=0), default=DEFAULT_MIN_PARAMS, show_default=True,
+                           help="Skip tensors with fewer values (biases, tiny tensors).")(command)
+    command = click.option("--exclude", multiple=True, metavar="GLOB", help="Skip tensors whose name matches.")(command)
+    return click.option("--layers", multiple=True, metavar="GLOB",
+                        help="Only tensors whose name matches (repeatable). Default: every weight of "
+                             "Gemm/MatMul/Conv/RNN ops and every embedding table.")(command)
+
+
+def model_argument(name: str = "model") -> Callable:
+    # exists=False: a missing file is bad input (exit 3) reported by the loader, not a usage error.
+    return click.argument(name, type=click.Path(dir_okay=True, path_type=Path))
+
+
+def _report_warnings(reporter: Reporter, result: dict) -> None:
+    for warning in result.get("warnings", []):
+        reporter.warn(warning)
+
+
+# --- commands ----------------------------------------------------------------------
+
+@cli.command()
+@model_argument()
+@output_options
+def inspect(model: Path, as_json: bool, quiet: bool) -> None:
+    """Show every floating-point weight tensor of MODEL and where the bytes are.
+
+    \b
+    Example:
+      weightless inspect sample_models/lenet5.onnx
+      weightless inspect model.onnx --json | jq '.totals'
+    """
+    from weightless_cli.stages.inspect import model_summary
+
+    loaded = OnnxModel.load(model)
+    summary = model_summary(loaded)
+    reporter = Reporter(as_json, quiet)
+    _report_warnings(reporter, {"warnings": [f"already quantized ({', '.join(summary['quantized_ops'])})"]
+                                if summary["quantized_ops"] else []})
+    reporter.table(f"{model} — {summary['totals']['params']:,} weights in {summary['totals']['tensors']} tensors",
+                   summary["tensors"], [
+                       ("name", "tensor", str), ("role", "role", str), ("ops", "op", fmt_str),
+                       ("shape", "shape", fmt_str), ("dtype", "dtype", str), ("params", "params", fmt_int),
+                       ("bytes", "bytes", fmt_bytes), ("sparsity", "sparsity", fmt_pct),
+                       ("distinct", "distinct", fmt_int), ("min", "min", fmt_float), ("max", "max", fmt_float),
+                       ("std", "std", fmt_float)],
+                   footer=summary["totals"])
+    reporter.table("By op type", summary["by_op"], [
+        ("op", "op", str), ("tensors", "tensors", fmt_int), ("params", "params", fmt_int),
+        ("params_share", "share of params", fmt_pct), ("bytes", "bytes", fmt_bytes),
+        ("bytes_share", "share of bytes", fmt_pct)])
+    reporter.result(summary)
+
+
+def _parse_sparsity(text: str) -> float:
+    from weightless_cli.stages.prune import check_sparsity
+
+    return check_sparsity(float(text))
+
+
+@cli.command()
+@model_argument()
+@writer_options
+@click.option("--sparsity", "sparsity", multiple=True, metavar="[NAME=]S",
+              help="Fraction of weights to zero, e.g. 0.9; NAME=S (NAME may be a glob) for one tensor. Repeatable.")
+@click.option("--global", "global_", is_flag=True,
+              help="One magnitude threshold across all selected tensors (needs a single --sparsity S).")
+@selection_options
+@output_options
+def prune(model: Path, output: Path, force: bool, sparsity: tuple[str, ...], global_: bool,
+          layers: tuple[str, ...], exclude: tuple[str, ...], min_params: int, as_json: bool, quiet: bool) -> None:
+    """Zero the smallest-magnitude weights of MODEL (magnitude pruning).
+
+    Exactly round(S × size) weights of each selected tensor become zero; ties go to the
+    earlier position, so the result is deterministic.
+
+    \b
+    Examples:
+      weightless prune lenet.onnx -o lenet.pruned.onnx --sparsity 0.92 --sparsity fc3.weight=0.75
+      weightless prune lenet.onnx -o lenet.pruned.onnx --sparsity 0.95 --global
+    """
+    from weightless_cli.stages.prune import prune_file
+
+    target = check_writable(output, force)
+    settings = PerTensor.parse(sparsity, _parse_sparsity, "--sparsity")
+    if not sparsity:
+        raise UsageError("give --sparsity S (and optionally --sparsity NAME=S)")
+    if global_ and (settings.overrides or settings.default is None):
+        raise UsageError("--global takes one --sparsity S and no per-tensor values")
+    result = prune_file(model, target, settings.narrow(Selection(layers, exclude, min_params)), settings,
+                        settings.default if global_ else None)
+    reporter = Reporter(as_json, quiet)
+    _report_warnings(reporter, result)
+    reporter.table(f"pruned → {target}", result["tensors"], [
+        ("name", "tensor", str), ("params", "params", fmt_int), ("target", "target", fmt_pct),
+        ("sparsity_before", "before", fmt_pct), ("sparsity_after", "achieved", fmt_pct)])
+    reporter.result(result)
+
+
+@cli.command()
+@model_argument()
+@writer_options
+@click.option("--clusters", "clusters", multiple=True, metavar="[NAME=]K",
+              help="Shared values per tensor (zeros not counted); NAME=K for one tensor. Repeatable.")
+@click.option("--bits", "bits", multiple=True, metavar="[NAME=]R", help="Same as --clusters 2^R.")
+@selection_options
+@output_options
+def quantize(model: Path, output: Path, force: bool, clusters: tuple[str, ...], bits: tuple[str, ...],
+             layers: tuple[str, ...], exclude: tuple[str, ...], min_params: int, as_json: bool, quiet: bool) -> None:
+    """Share weights: k-means the nonzero weights of each tensor into K values.
+
+    Linear initialisation between the smallest and largest weight (as in Deep Compression);
+    zeros stay exactly zero and are not a cluster. The output holds at most K distinct
+    nonzero values per tensor, so later stages recover the codebook exactly.
+
+    \b
+    Examples:
+      weightless quantize lenet.pruned.onnx -o lenet.quant.onnx --clusters 16
+      weightless quantize lenet.pruned.onnx -o lenet.quant.onnx --bits 5 --bits 'conv*=8'
+    """
+    from weightless_cli.stages.quantize import parse_bits, parse_clusters, quantize_file
+
+    target = check_writable(output, force)
+    if bool(clusters) == bool(bits):
+        raise UsageError("give either --clusters K or --bits R")
+    settings = (PerTensor.parse(clusters, parse_clusters, "--clusters") if clusters
+                else PerTensor.parse(bits, parse_bits, "--bits"))
+    result = quantize_file(model, target, settings.narrow(Selection(layers, exclude, min_params)), settings)
+    reporter = Reporter(as_json, quiet)
+    _report_warnings(reporter, result)
+    reporter.table(f"quantized → {target}", result["tensors"], [
+        ("name", "tensor", str), ("params", "params", fmt_int), ("nonzeros", "nonzeros", fmt_int),
+        ("clusters", "K", fmt_int), ("mse", "weight MSE", fmt_float), ("max_abs_error", "max |error|", fmt_float)])
+    reporter.result(result)
 
 
 def main() -> None:

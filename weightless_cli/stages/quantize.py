@@ -1,0 +1,126 @@
+"""Weight sharing by 1-D k-means over the nonzero weights (Deep Compression, Han et al.).
+
+Zeros stay exactly zero and are not a cluster. Centroids start evenly spaced between the
+smallest and largest weight (linear initialisation, which Deep Compression found best for
+keeping the rare large weights). One dimension makes k-means cheap: sort the values once,
+then each Lloyd step only moves k-1 boundaries, and cluster sums come from a cumulative sum.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from weightless_cli.errors import UsageError
+from weightless_cli.model import OnnxModel, PerTensor, Selection, WeightTensor, model_warnings
+
+MAX_ITERATIONS = 300
+
+
+def kmeans_1d(values: np.ndarray, k: int, max_iterations: int = MAX_ITERATIONS) -> tuple[np.ndarray, np.ndarray]:
+    """Cluster 1-D ``values`` into at most ``k`` groups.
+
+    Returns ``(centroids, labels)``: the sorted centroids that own at least one value,
+    and for every value the index of its centroid.
+    """
+    flat = np.asarray(values, dtype=np.float64).ravel()
+    if flat.size == 0:
+        return np.empty(0), np.empty(0, dtype=np.int64)
+    order = np.argsort(flat, kind="stable")
+    ordered = flat[order]
+    prefix = np.concatenate(([0.0], np.cumsum(ordered)))
+    centroids = np.linspace(ordered[0], ordered[-1], k) if k > 1 else np.array([ordered.mean()])
+    starts = None
+    for _ in range(max_iterations):
+        # Each value belongs to the nearest centroid: cut the sorted values at the midpoints.
+        cuts = np.searchsorted(ordered, (centroids[1:] + centroids[:-1]) / 2, side="right")
+        new_starts = np.concatenate(([0], cuts))
+        if starts is not None and np.array_equal(new_starts, starts):
+            break
+        starts = new_starts
+        ends = np.concatenate((cuts, [ordered.size]))
+        counts = ends - starts
+        filled = counts > 0
+        # An empty cluster keeps its centroid; it is dropped at the end.
+        centroids = np.where(filled, (prefix[ends] - prefix[starts]) / np.maximum(counts, 1), centroids)
+    ends = np.concatenate((starts[1:], [ordered.size]))
+    used = ends > starts
+    sorted_labels = np.repeat(np.cumsum(used) - 1, ends - starts)
+    labels = np.empty(flat.size, dtype=np.int64)
+    labels[order] = sorted_labels
+    return centroids[used], labels
+
+
+def quantize_array(values: np.ndarray, k: int) -> np.ndarray:
+    """``values`` with every nonzero replaced by its k-means centroid (zeros untouched)."""
+    work = np.asarray(values, dtype=np.float64)
+    nonzero = np.flatnonzero(work)
+    centroids, labels = kmeans_1d(work.ravel()[nonzero], k)
+    out = np.zeros(work.size, dtype=np.float64)
+    out[nonzero] = centroids[labels]
+    return out.reshape(work.shape)
+
+
+def distinct_nonzero(values: np.ndarray) -> np.ndarray:
+    flat = np.asarray(values).ravel()
+    return np.unique(flat[flat != 0])
+
+
+@dataclass
+class QuantizedTensor:
+    name: str
+    params: int
+    nonzeros: int
+    clusters_asked: int
+    clusters: int  # distinct nonzero values after storing in the tensor's dtype
+    mse: float
+    max_abs_error: float
+
+    def to_dict(self) -> dict:
+        return self.__dict__.copy()
+
+
+def quantize_tensors(tensors: list[WeightTensor], clusters_for: dict[str, int]) -> list[QuantizedTensor]:
+    """Cluster each tensor in place to ``clusters_for[name]`` shared values."""
+    report = []
+    for tensor in tensors:
+        k = clusters_for[tensor.name]
+        original = tensor.float_array()
+        available = distinct_nonzero(original).size
+        if k > available:
+            raise UsageError(f"{tensor.name}: {k} clusters asked but the tensor has only {available} distinct nonzero "
+                             "values; ask for fewer (or skip it with --exclude)")
+        tensor.set_array(quantize_array(original, k))
+        stored = tensor.float_array()
+        error = stored.astype(np.float64) - original
+        report.append(QuantizedTensor(
+            name=tensor.name, params=tensor.params, nonzeros=int(np.count_nonzero(stored)), clusters_asked=k,
+            clusters=distinct_nonzero(stored).size, mse=float(np.mean(error**2)) if error.size else 0.0,
+            max_abs_error=float(np.max(np.abs(error))) if error.size else 0.0))
+    return report
+
+
+def parse_clusters(text: str) -> int:
+    k = int(text)
+    if not 1 <= k <= 65535:
+        raise UsageError(f"clusters must be in 1..65535, got {k}")
+    return k
+
+
+def parse_bits(text: str) -> int:
+    bits = int(text)
+    if not 1 <= bits <= 16:
+        raise UsageError(f"bits must be in 1..16, got {bits}")
+    return 2**bits
+
+
+def quantize_file(source: Path, target: Path, selection: Selection, clusters: PerTensor) -> dict:
+    """Load ``source``, cluster the selected tensors, write ``target``; return the report."""
+    model = OnnxModel.load(source)
+    tensors = selection.apply(model)
+    report = quantize_tensors(tensors, {t.name: clusters.for_name(t.name) for t in tensors})
+    model.save(target)
+    return {"input": str(source), "output": str(target), "warnings": model_warnings(model),
+            "tensors": [r.to_dict() for r in report]}
