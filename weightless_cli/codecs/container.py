@@ -1,0 +1,731 @@
+"""The ``.wl`` blob container: one self-checking file holding a stripped ONNX graph and its encoded tensors.
+
+This module is the executable form of ``docs/FORMAT.md``; keep the two in step (a test compares the worked
+example in the spec with :func:`describe_layout` of the same blob). It is pure: bytes in, bytes out. It knows
+nothing of ONNX or click; codecs hand it their parameters as small named integers and their payloads as bytes.
+
+File layout (every integer little-endian)::
+
+    preamble | file record | graph payload | (tensor record | its payloads) * tensor_count | crc32 trailer
+
+A *record* is ``u32 body_length | body | u32 crc32(body)``; its body ends with a *section table* whose entries
+give each following payload's length, encoding (stored or raw LZMA2) and CRC32. The reader checks every length
+against the bytes that are really there and every size against a documented cap *before* slicing, allocating
+or decompressing, so malformed input can only ever raise :class:`~weightless_cli.errors.BadInputError`.
+"""
+
+from __future__ import annotations
+
+import lzma
+import os
+import re
+import struct
+import zlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from weightless_cli import __version__
+from weightless_cli.errors import BadInputError
+from weightless_cli.fileio import read_input_bytes, write_bytes_atomic
+
+__all__ = [
+    "CODECS",
+    "DTYPES",
+    "FORMAT_MAJOR",
+    "FORMAT_MINOR",
+    "MAGIC",
+    "Blob",
+    "CodecSpec",
+    "DtypeInfo",
+    "TensorRecord",
+    "array_to_bytes",
+    "bytes_to_array",
+    "describe_layout",
+    "load_blob",
+    "raw_array",
+    "raw_record",
+    "read_blob",
+    "save_blob",
+    "write_blob",
+]
+
+# --- format constants (docs/FORMAT.md, "Preamble") -------------------------------------------------------
+
+# PNG-style magic: the high-bit byte catches 7-bit transports, CR LF / LF catch newline translation and
+# 0x1A stops `type` on Windows consoles.
+MAGIC = b"\x89WLB\r\n\x1a\n"
+FORMAT_MAJOR = 1
+FORMAT_MINOR = 0
+WRITER_KEY = "writer"
+
+_PREAMBLE = struct.Struct("<8sHHQ")  # magic, major, minor, file_length; a crc32 of these 20 bytes follows
+PREAMBLE_SIZE = _PREAMBLE.size + 4
+TRAILER_SIZE = 4
+
+ENCODING_STORED = 0
+ENCODING_LZMA2 = 1
+_ENCODING_NAMES = {ENCODING_STORED: "stored", ENCODING_LZMA2: "lzma2"}
+
+# Fixed so output is byte-identical run to run. Floats barely compress, so a higher preset buys nothing.
+LZMA_PRESET = 6
+_LZMA_MIN_DICT = 4096  # liblzma's minimum
+_LZMA_MAX_DICT = 8 << 20  # preset 6's own dictionary; keeps the encoder near 100 MB
+
+# --- limits (docs/FORMAT.md, "Limits"); checked on write and, before any allocation, on read ------------
+
+MAX_TENSORS = 65536
+MAX_NDIM = 8
+MAX_ELEMENTS = 2**32  # per tensor; also the cap on each single dimension
+MAX_NAME_BYTES = 4096  # tensor names, UTF-8
+MAX_ID_BYTES = 32  # codec ids, parameter names, section names (ASCII)
+MAX_PARAMS = 64
+MAX_SECTIONS = 16
+MAX_METADATA_ENTRIES = 1024
+MAX_METADATA_KEY_BYTES = 256
+MAX_METADATA_VALUE_BYTES = 65535
+MAX_GRAPH_BYTES = 2**31  # protobuf's own limit for one ONNX model
+MAX_CODEBOOK_ENTRIES = 2**16 - 1  # Bloomier answers are t <= 16 bits and one value means "zero"
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+_CODEC_ID = re.compile(r"[a-z0-9][a-z0-9-]*")
+_FIELD_ID = re.compile(r"[a-z_][a-z0-9_]*")
+
+
+class _Invalid(Exception):
+    """A problem found by a check shared by reader and writer; each side words the final message."""
+
+
+# --- element types -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DtypeInfo:
+    """One tensor element type: its tag in the file (ONNX TensorProto numbering) and its numpy dtype."""
+
+    tag: int
+    numpy: str  # little-endian numpy dtype string; bfloat16 travels as its 16-bit pattern
+
+    @property
+    def itemsize(self) -> int:
+        return np.dtype(self.numpy).itemsize
+
+
+DTYPES: dict[str, DtypeInfo] = {
+    "float32": DtypeInfo(1, "<f4"),
+    "float16": DtypeInfo(10, "<f2"),
+    "float64": DtypeInfo(11, "<f8"),
+    "bfloat16": DtypeInfo(16, "<u2"),
+}
+_DTYPE_BY_TAG = {info.tag: name for name, info in DTYPES.items()}
+
+
+def _dtype_info(dtype: str) -> DtypeInfo:
+    try:
+        return DTYPES[dtype]
+    except (KeyError, TypeError):
+        raise _Invalid(f"unknown dtype {dtype!r} (known: {', '.join(sorted(DTYPES))})") from None
+
+
+# --- codecs --------------------------------------------------------------------------------------------------
+
+SizeCheck = Callable[[int, int, Mapping[str, int]], None]
+
+
+@dataclass(frozen=True)
+class CodecSpec:
+    """What the container enforces for one codec id; the codec module validates the meaning of its params.
+
+    ``sections`` are exactly the payload names a record must carry; only those in ``compressible`` may be
+    stored LZMA2-compressed (the writer does so when it saves bytes). ``params`` is the exact set of parameter
+    names, or None when the codec defines and validates its own. ``check_sizes(n_elements, itemsize,
+    decoded_sizes)`` rejects section sizes that cannot belong to the tensor; it runs before any payload is
+    read, so it is what bounds decompression.
+    """
+
+    sections: tuple[str, ...]
+    compressible: frozenset[str]
+    params: frozenset[str] | None
+    check_sizes: SizeCheck
+
+
+def _raw_sizes(n_elements: int, itemsize: int, sizes: Mapping[str, int]) -> None:
+    if sizes["data"] != n_elements * itemsize:
+        raise _Invalid(f"raw data is {sizes['data']} bytes, expected {n_elements} x {itemsize}")
+
+
+def _bloomier_sizes(n_elements: int, itemsize: int, sizes: Mapping[str, int]) -> None:
+    entries, leftover = divmod(sizes["codebook"], itemsize)
+    if leftover:
+        raise _Invalid(f"codebook is {sizes['codebook']} bytes, not a multiple of {itemsize}")
+    if entries > MAX_CODEBOOK_ENTRIES:
+        raise _Invalid(f"codebook has {entries} entries (limit {MAX_CODEBOOK_ENTRIES})")
+
+
+def _graph_sizes(n_elements: int, itemsize: int, sizes: Mapping[str, int]) -> None:
+    if sizes["graph"] > MAX_GRAPH_BYTES:
+        raise _Invalid(f"graph is {sizes['graph']} bytes (limit {MAX_GRAPH_BYTES})")
+
+
+# A new codec is a new row here plus a row in docs/FORMAT.md's codec table and a minor version bump.
+CODECS: dict[str, CodecSpec] = {
+    "raw": CodecSpec(("data",), frozenset({"data"}), frozenset(), _raw_sizes),
+    "bloomier": CodecSpec(("cells", "codebook"), frozenset(), None, _bloomier_sizes),
+}
+_BLOB_SECTIONS = CodecSpec(("graph",), frozenset({"graph"}), frozenset(), _graph_sizes)
+
+
+def _codec_spec(codec: str) -> CodecSpec:
+    spec = CODECS.get(codec)
+    if spec is None:
+        raise _Invalid(
+            f"unknown codec {codec!r} (this weightless knows {', '.join(sorted(CODECS))}); "
+            "it may need a newer weightless"
+        )
+    return spec
+
+
+# --- the in-memory model -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorRecord:
+    """One encoded tensor. ``sections`` hold the codec's payloads *decoded* (the container compresses)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    codec: str
+    params: dict[str, int] = field(default_factory=dict)
+    sections: dict[str, bytes] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+
+    @property
+    def n_elements(self) -> int:
+        return _product(self.shape)
+
+
+@dataclass(frozen=True)
+class Blob:
+    """A whole ``.wl`` file: the stripped ONNX graph, the encoded tensors (in order) and provenance."""
+
+    graph: bytes
+    tensors: list[TensorRecord] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def _product(shape: tuple[int, ...]) -> int:
+    total = 1
+    for dim in shape:
+        total *= dim
+    return total
+
+
+# --- array helpers -------------------------------------------------------------------------------------------
+
+
+def _as_storable(array: np.ndarray) -> np.ndarray:
+    """ml_dtypes' bfloat16 (what onnx hands out) becomes its 16-bit pattern; everything else is unchanged."""
+    array = np.asarray(array)
+    return array.view(np.uint16) if array.dtype.name == "bfloat16" else array
+
+
+def dtype_of(array: np.ndarray) -> str:
+    """The container dtype tag for a numpy array (uint16 is ambiguous: pass ``dtype="bfloat16"`` instead)."""
+    array = np.asarray(array)
+    if array.dtype.name == "bfloat16":
+        return "bfloat16"
+    for name, info in DTYPES.items():
+        if name != "bfloat16" and array.dtype.kind == "f" and array.dtype.itemsize == info.itemsize:
+            return name
+    raise ValueError(f"cannot store numpy dtype {array.dtype} (known: {', '.join(sorted(DTYPES))})")
+
+
+def array_to_bytes(array: np.ndarray, dtype: str) -> bytes:
+    """Little-endian, C-order bytes of ``array`` as element type ``dtype`` (bfloat16: its uint16 patterns)."""
+    try:
+        want = np.dtype(_dtype_info(dtype).numpy)
+    except _Invalid as exc:
+        raise ValueError(str(exc)) from None
+    values = _as_storable(array)
+    if values.dtype.kind != want.kind or values.dtype.itemsize != want.itemsize:
+        raise ValueError(f"array of {values.dtype} cannot be stored as {dtype}")
+    return np.ascontiguousarray(values, dtype=want).tobytes()
+
+
+def bytes_to_array(data: bytes, dtype: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """Read-only view of ``data`` as ``dtype`` (bfloat16 comes back as uint16 bit patterns)."""
+    try:
+        array = np.frombuffer(data, dtype=_dtype_info(dtype).numpy)
+    except _Invalid as exc:
+        raise ValueError(str(exc)) from None
+    return array if shape is None else array.reshape(shape)
+
+
+def raw_record(name: str, array: np.ndarray, dtype: str | None = None) -> TensorRecord:
+    """A lossless ``raw`` record for ``array``; ``dtype`` defaults to the array's own (see :func:`dtype_of`)."""
+    dtype = dtype or dtype_of(array)
+    shape = tuple(np.shape(array))
+    return TensorRecord(name, shape, dtype, "raw", {}, {"data": array_to_bytes(array, dtype)})
+
+
+def raw_array(record: TensorRecord) -> np.ndarray:
+    """The tensor of a ``raw`` record, read-only, in its dtype (bfloat16 as uint16 bit patterns)."""
+    if record.codec != "raw":
+        raise ValueError(f"tensor {record.name!r} uses codec {record.codec!r}, not 'raw'")
+    return bytes_to_array(record.sections["data"], record.dtype, record.shape)
+
+
+# --- checks shared by writer and reader ----------------------------------------------------------------------
+
+
+def _show(name: str) -> str:
+    """A name for a one-line message: quoted, escaped, and short."""
+    text = repr(name)
+    return text if len(text) <= 60 else text[:56] + "...'"
+
+
+def _check_count(what: str, count: int, limit: int) -> None:
+    if count > limit:
+        raise _Invalid(f"{count} {what} (limit {limit})")
+
+
+def _check_identifier(kind: str, text: str, pattern: re.Pattern[str]) -> None:
+    if not isinstance(text, str) or len(text) > MAX_ID_BYTES or not pattern.fullmatch(text):
+        raise _Invalid(
+            f"invalid {kind} {_show(str(text))} (expected {pattern.pattern}, <= {MAX_ID_BYTES} bytes)"
+        )
+
+
+def _check_shape(shape: tuple[int, ...]) -> int:
+    """Validate dims one by one so a hostile shape is refused before its product is ever used."""
+    _check_count("dimensions", len(shape), MAX_NDIM)
+    total = 1
+    for dim in shape:
+        if dim < 0 or dim > MAX_ELEMENTS:
+            raise _Invalid(f"dimension {dim} out of range 0..{MAX_ELEMENTS}")
+        total *= dim
+    if total > MAX_ELEMENTS:
+        raise _Invalid(f"shape {shape} has {total} elements (limit {MAX_ELEMENTS})")
+    return total
+
+
+def _check_params(spec: CodecSpec, params: Mapping[str, int]) -> None:
+    _check_count("params", len(params), MAX_PARAMS)
+    for key, value in params.items():
+        _check_identifier("param name", key, _FIELD_ID)
+        if isinstance(value, bool) or not isinstance(value, int | np.integer):
+            raise _Invalid(f"param {key!r} is {type(value).__name__}, expected int")
+        if not _INT64_MIN <= int(value) <= _INT64_MAX:
+            raise _Invalid(f"param {key!r} = {value} does not fit in int64")
+    if spec.params is not None and set(params) != spec.params:
+        raise _Invalid(f"params {sorted(params)} do not match the codec's {sorted(spec.params)}")
+
+
+def _check_section_names(spec: CodecSpec, names: list[str]) -> None:
+    if sorted(names) != sorted(spec.sections):
+        raise _Invalid(f"sections {sorted(names)} do not match the expected {list(spec.sections)}")
+
+
+def _check_metadata_entry(key: bytes, value: bytes) -> None:
+    if not 1 <= len(key) <= MAX_METADATA_KEY_BYTES:
+        raise _Invalid(f"metadata key of {len(key)} bytes (allowed 1..{MAX_METADATA_KEY_BYTES})")
+    if len(value) > MAX_METADATA_VALUE_BYTES:
+        raise _Invalid(f"metadata value of {len(value)} bytes (limit {MAX_METADATA_VALUE_BYTES})")
+
+
+def _check_name_bytes(encoded: bytes) -> None:
+    if not 1 <= len(encoded) <= MAX_NAME_BYTES:
+        raise _Invalid(f"tensor name of {len(encoded)} bytes (allowed 1..{MAX_NAME_BYTES})")
+
+
+# --- writer --------------------------------------------------------------------------------------------------
+
+
+def _lzma_dict_size(decoded_len: int) -> int:
+    """Derived from the decoded length on both sides, so a file can never ask the reader for a big dictionary."""
+    return min(max(decoded_len, _LZMA_MIN_DICT), _LZMA_MAX_DICT)
+
+
+def _encode_payload(data: bytes, compressible: bool) -> tuple[int, bytes]:
+    if compressible and data:
+        filters = [{"id": lzma.FILTER_LZMA2, "preset": LZMA_PRESET, "dict_size": _lzma_dict_size(len(data))}]
+        packed = lzma.compress(data, format=lzma.FORMAT_RAW, filters=filters)
+        if len(packed) < len(data):
+            return ENCODING_LZMA2, packed
+    return ENCODING_STORED, data
+
+
+def _u8_string(text: str) -> bytes:
+    encoded = text.encode("ascii")
+    return struct.pack("<B", len(encoded)) + encoded
+
+
+def _section_table(spec: CodecSpec, sections: Mapping[str, bytes]) -> tuple[bytes, list[bytes]]:
+    """The table for the record body and the payloads that follow the record, in sorted name order."""
+    table = [struct.pack("<B", len(sections))]
+    payloads = []
+    for name in sorted(sections):
+        decoded = bytes(sections[name])
+        encoding, stored = _encode_payload(decoded, name in spec.compressible)
+        table += [
+            _u8_string(name),
+            struct.pack("<BQQI", encoding, len(stored), len(decoded), zlib.crc32(stored)),
+        ]
+        payloads.append(stored)
+    return b"".join(table), payloads
+
+
+def _frame(body: bytes) -> bytes:
+    return struct.pack("<I", len(body)) + body + struct.pack("<I", zlib.crc32(body))
+
+
+def _tensor_parts(record: TensorRecord) -> list[bytes]:
+    name = record.name.encode("utf-8") if isinstance(record.name, str) else b""
+    _check_name_bytes(name)
+    info = _dtype_info(record.dtype)
+    n_elements = _check_shape(record.shape)
+    _check_identifier("codec id", record.codec, _CODEC_ID)
+    spec = _codec_spec(record.codec)
+    _check_params(spec, record.params)
+    _check_section_names(spec, list(record.sections))
+    spec.check_sizes(n_elements, info.itemsize, {k: len(v) for k, v in record.sections.items()})
+    body = [struct.pack("<H", len(name)), name, struct.pack("<BB", info.tag, len(record.shape))]
+    body += [struct.pack("<Q", dim) for dim in record.shape]
+    body += [_u8_string(record.codec), struct.pack("<B", len(record.params))]
+    body += [_u8_string(key) + struct.pack("<q", int(record.params[key])) for key in sorted(record.params)]
+    table, payloads = _section_table(spec, record.sections)
+    return [_frame(b"".join(body) + table), *payloads]
+
+
+def _file_parts(blob: Blob, metadata: Mapping[str, str]) -> list[bytes]:
+    _check_count("tensors", len(blob.tensors), MAX_TENSORS)
+    _check_count("metadata entries", len(metadata), MAX_METADATA_ENTRIES)
+    entries = sorted((key.encode("utf-8"), value.encode("utf-8")) for key, value in metadata.items())
+    body = [struct.pack("<IH", len(blob.tensors), len(entries))]
+    for key, value in entries:
+        _check_metadata_entry(key, value)
+        body += [struct.pack("<H", len(key)), key, struct.pack("<H", len(value)), value]
+    _BLOB_SECTIONS.check_sizes(0, 1, {"graph": len(blob.graph)})
+    table, payloads = _section_table(_BLOB_SECTIONS, {"graph": blob.graph})
+    return [_frame(b"".join(body) + table), *payloads]
+
+
+def write_blob(blob: Blob) -> bytes:
+    """Serialise ``blob``; byte-identical for equal input. Adds ``writer`` metadata unless the caller set it.
+
+    Raises BadInputError (one line, naming the tensor) when something exceeds a documented limit.
+    """
+    metadata = {WRITER_KEY: f"weightless {__version__}", **blob.metadata}
+    parts: list[bytes] = []
+    seen: set[str] = set()
+    try:
+        parts += _file_parts(blob, metadata)
+        for index, record in enumerate(blob.tensors):
+            where = f"tensor {index} {_show(str(record.name))}"
+            if record.name in seen:
+                raise _Invalid(f"{where}: duplicate tensor name")
+            seen.add(record.name)
+            try:
+                parts += _tensor_parts(record)
+            except _Invalid as exc:
+                raise _Invalid(f"{where}: {exc}") from None
+    except (_Invalid, UnicodeEncodeError) as exc:
+        raise BadInputError(f"cannot write .wl blob: {exc}") from None
+    file_length = PREAMBLE_SIZE + sum(map(len, parts)) + TRAILER_SIZE
+    head = _PREAMBLE.pack(MAGIC, FORMAT_MAJOR, FORMAT_MINOR, file_length)
+    body = b"".join([head, struct.pack("<I", zlib.crc32(head)), *parts])
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+# --- reader --------------------------------------------------------------------------------------------------
+
+_U8, _U16, _U32, _U64, _I64 = (struct.Struct(f) for f in ("<B", "<H", "<I", "<Q", "<q"))
+
+
+class _Cursor:
+    """Bounds-checked reads from ``buf[pos:end]``; optionally records (offset, bytes, label, value) spans."""
+
+    def __init__(self, buf: memoryview, pos: int, end: int, trace: list | None) -> None:
+        self.buf, self.pos, self.end, self.trace = buf, pos, end, trace
+
+    def remaining(self) -> int:
+        return self.end - self.pos
+
+    def take(self, size: int, label: str, shown: str | None = None) -> memoryview:
+        if size > self.remaining():
+            raise _Invalid(f"{label} needs {size} bytes at offset {self.pos}, only {self.remaining()} remain")
+        view = self.buf[self.pos : self.pos + size]
+        if self.trace is not None and shown is not None:
+            self.trace.append((self.pos, bytes(view), label, shown))
+        self.pos += size
+        return view
+
+    def number(self, form: struct.Struct, label: str, as_hex: bool = False) -> int:
+        (value,) = form.unpack(self.take(form.size, label, shown=""))
+        if self.trace is not None:
+            self.trace[-1] = (*self.trace[-1][:3], f"0x{value:08x}" if as_hex else str(value))
+        return value
+
+    def text(self, length_form: struct.Struct, label: str, ascii_only: bool) -> str:
+        size = self.number(length_form, f"{label} length")
+        raw = bytes(self.take(size, label))
+        try:
+            text = raw.decode("ascii" if ascii_only else "utf-8")
+        except UnicodeDecodeError:
+            raise _Invalid(f"{label} is not valid {'ASCII' if ascii_only else 'UTF-8'}") from None
+        if self.trace is not None:
+            self.trace.append((self.pos - size, raw, label, _show(text)))
+        return text
+
+    def done(self, label: str) -> None:
+        if self.pos != self.end:
+            raise _Invalid(f"{self.end - self.pos} unexpected bytes at the end of {label}")
+
+
+@dataclass(frozen=True)
+class _SectionEntry:
+    name: str
+    encoding: int
+    stored_len: int
+    decoded_len: int
+    crc: int
+
+
+def _read_record(cur: _Cursor, label: str) -> _Cursor:
+    """Check a record's frame and CRC; return a cursor over its body (whose fields are then parsed)."""
+    body_len = cur.number(_U32, f"{label} body length")
+    start = cur.pos
+    body = cur.take(body_len, f"{label} body")
+    stored_crc = cur.number(_U32, f"{label} crc32", as_hex=True)
+    if zlib.crc32(body) != stored_crc:
+        raise _Invalid(f"{label} checksum mismatch")
+    return _Cursor(cur.buf, start, start + body_len, cur.trace)
+
+
+def _read_section_table(body: _Cursor, spec: CodecSpec, label: str) -> list[_SectionEntry]:
+    count = body.number(_U8, f"{label} section count")
+    _check_count("sections", count, MAX_SECTIONS)
+    entries: list[_SectionEntry] = []
+    for index in range(count):
+        name = body.text(_U8, f"{label} section {index} name", ascii_only=True)
+        _check_identifier("section name", name, _FIELD_ID)
+        if entries and name <= entries[-1].name:
+            raise _Invalid(f"{label} sections not in strictly increasing name order")
+        where = f"{label} section {name!r}"
+        encoding = body.number(_U8, f"{where} encoding")
+        stored_len = body.number(_U64, f"{where} stored length")
+        decoded_len = body.number(_U64, f"{where} decoded length")
+        crc = body.number(_U32, f"{where} crc32", as_hex=True)
+        _check_encoding(spec, name, encoding, stored_len, decoded_len)
+        entries.append(_SectionEntry(name, encoding, stored_len, decoded_len, crc))
+    _check_section_names(spec, [entry.name for entry in entries])
+    return entries
+
+
+def _check_encoding(spec: CodecSpec, name: str, encoding: int, stored_len: int, decoded_len: int) -> None:
+    if encoding == ENCODING_STORED:
+        if stored_len != decoded_len:
+            raise _Invalid(
+                f"stored section {name!r} declares {decoded_len} decoded bytes but holds {stored_len}"
+            )
+    elif encoding == ENCODING_LZMA2:
+        if name not in spec.compressible:
+            raise _Invalid(f"section {name!r} may not be compressed")
+        if stored_len == 0:
+            raise _Invalid(f"compressed section {name!r} is empty")
+    else:
+        raise _Invalid(f"section {name!r} has unknown encoding {encoding}")
+
+
+def _decode_lzma(stored: memoryview, decoded_len: int, label: str) -> bytes:
+    # One byte of headroom lets the decoder reach the end marker and shows an over-long stream as such;
+    # CPython grows its output buffer as data arrives, so nothing near decoded_len is allocated up front.
+    filters = [{"id": lzma.FILTER_LZMA2, "dict_size": _lzma_dict_size(decoded_len)}]
+    decoder = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=filters)
+    try:
+        data = decoder.decompress(stored, max_length=decoded_len + 1)
+    except lzma.LZMAError as exc:
+        raise _Invalid(f"{label} does not decompress ({exc})") from None
+    if len(data) != decoded_len or not decoder.eof or decoder.unused_data:
+        raise _Invalid(f"{label} does not decompress to exactly its declared {decoded_len} bytes")
+    return data
+
+
+def _read_payloads(cur: _Cursor, entries: list[_SectionEntry], label: str) -> dict[str, bytes]:
+    if sum(entry.stored_len for entry in entries) > cur.remaining() - TRAILER_SIZE:
+        raise _Invalid(f"{label} sections run past the end of the file")
+    sections: dict[str, bytes] = {}
+    for entry in entries:
+        where = f"{label} section {entry.name!r}"
+        shown = f"{_ENCODING_NAMES[entry.encoding]} payload, {entry.stored_len} bytes"
+        stored = cur.take(entry.stored_len, where, shown=shown)
+        if zlib.crc32(stored) != entry.crc:
+            raise _Invalid(f"{where} checksum mismatch")
+        if entry.encoding == ENCODING_LZMA2:
+            sections[entry.name] = _decode_lzma(stored, entry.decoded_len, where)
+        else:
+            sections[entry.name] = bytes(stored)
+    return sections
+
+
+def _read_preamble(buf: memoryview, trace: list | None) -> int:
+    """Check magic, version and length; return the number of tensors' worth of file left to parse."""
+    if len(buf) < len(MAGIC) or bytes(buf[: len(MAGIC)]) != MAGIC:
+        raise BadInputError("not a .wl blob (bad magic bytes)")
+    if len(buf) < PREAMBLE_SIZE:
+        raise BadInputError(
+            f"truncated .wl blob: {len(buf)} bytes, shorter than the {PREAMBLE_SIZE}-byte preamble"
+        )
+    cur = _Cursor(buf, 0, PREAMBLE_SIZE, trace)
+    cur.take(len(MAGIC), "magic", shown="")
+    major = cur.number(_U16, "format major version")
+    minor = cur.number(_U16, "format minor version")
+    file_length = cur.number(_U64, "file length")
+    stored_crc = cur.number(_U32, "preamble crc32", as_hex=True)
+    if zlib.crc32(buf[: _PREAMBLE.size]) != stored_crc:
+        raise BadInputError("corrupt .wl blob: preamble checksum mismatch")
+    if major != FORMAT_MAJOR:
+        newer = "is newer than" if major > FORMAT_MAJOR else "predates"
+        raise BadInputError(
+            f".wl format version {major}.{minor} {newer} what this weightless reads ({FORMAT_MAJOR}.x)"
+            + ("; upgrade weightless" if major > FORMAT_MAJOR else "")
+        )
+    if file_length != len(buf):
+        problem = "truncated" if file_length > len(buf) else "trailing bytes after"
+        raise BadInputError(f"{problem} .wl blob: header declares {file_length} bytes, got {len(buf)}")
+    return file_length
+
+
+def _read_file_record(cur: _Cursor) -> tuple[int, dict[str, str], bytes]:
+    body = _read_record(cur, "file record")
+    tensor_count = body.number(_U32, "tensor count")
+    _check_count("tensors", tensor_count, MAX_TENSORS)
+    entry_count = body.number(_U16, "metadata entry count")
+    _check_count("metadata entries", entry_count, MAX_METADATA_ENTRIES)
+    metadata: dict[str, str] = {}
+    previous = b""
+    for index in range(entry_count):
+        key = body.text(_U16, f"metadata {index} key", ascii_only=False)
+        value = body.text(_U16, f"metadata {index} value", ascii_only=False)
+        encoded = key.encode("utf-8")
+        _check_metadata_entry(encoded, value.encode("utf-8"))
+        if index and encoded <= previous:
+            raise _Invalid("metadata keys not in strictly increasing order")
+        previous = encoded
+        metadata[key] = value
+    entries = _read_section_table(body, _BLOB_SECTIONS, "file record")
+    body.done("the file record")
+    _BLOB_SECTIONS.check_sizes(0, 1, {entry.name: entry.decoded_len for entry in entries})
+    graph = _read_payloads(cur, entries, "file record")["graph"]
+    return tensor_count, metadata, graph
+
+
+def _read_params(body: _Cursor, label: str) -> dict[str, int]:
+    count = body.number(_U8, f"{label} param count")
+    _check_count("params", count, MAX_PARAMS)
+    params: dict[str, int] = {}
+    for index in range(count):
+        key = body.text(_U8, f"{label} param {index} name", ascii_only=True)
+        _check_identifier("param name", key, _FIELD_ID)
+        if params and key <= list(params)[-1]:
+            raise _Invalid(f"{label} params not in strictly increasing name order")
+        params[key] = body.number(_I64, f"{label} param {key!r}")
+    return params
+
+
+def _read_tensor(cur: _Cursor, index: int) -> TensorRecord:
+    label = f"tensor {index}"
+    body = _read_record(cur, label)
+    name = body.text(_U16, f"{label} name", ascii_only=False)
+    _check_name_bytes(name.encode("utf-8"))
+    label = f"tensor {index} {_show(name)}"
+    tag = body.number(_U8, f"{label} dtype tag")
+    if tag not in _DTYPE_BY_TAG:
+        raise _Invalid(f"{label}: unknown dtype tag {tag}")
+    dtype = _DTYPE_BY_TAG[tag]
+    ndim = body.number(_U8, f"{label} ndim")
+    _check_count("dimensions", ndim, MAX_NDIM)
+    shape = tuple(body.number(_U64, f"{label} dim {axis}") for axis in range(ndim))
+    n_elements = _check_shape(shape)
+    codec = body.text(_U8, f"{label} codec id", ascii_only=True)
+    _check_identifier("codec id", codec, _CODEC_ID)
+    spec = _codec_spec(codec)
+    params = _read_params(body, label)
+    _check_params(spec, params)
+    entries = _read_section_table(body, spec, label)
+    body.done(label)
+    spec.check_sizes(n_elements, DTYPES[dtype].itemsize, {entry.name: entry.decoded_len for entry in entries})
+    sections = _read_payloads(cur, entries, label)
+    return TensorRecord(name, shape, dtype, codec, params, sections)
+
+
+def _parse(buf: memoryview, trace: list | None) -> Blob:
+    file_length = _read_preamble(buf, trace)
+    cur = _Cursor(buf, PREAMBLE_SIZE, file_length, trace)
+    try:
+        tensor_count, metadata, graph = _read_file_record(cur)
+        tensors = [_read_tensor(cur, index) for index in range(tensor_count)]
+        names = {record.name for record in tensors}
+        if len(names) != len(tensors):
+            raise _Invalid("duplicate tensor names")
+        if cur.remaining() != TRAILER_SIZE:
+            raise _Invalid(f"{cur.remaining() - TRAILER_SIZE} unexpected bytes before the trailer")
+        stored_crc = cur.number(_U32, "file crc32", as_hex=True)
+    except _Invalid as exc:
+        raise BadInputError(f"corrupt .wl blob: {exc}") from None
+    if zlib.crc32(buf[: file_length - TRAILER_SIZE]) != stored_crc:
+        raise BadInputError("corrupt .wl blob: file checksum mismatch")
+    return Blob(graph, tensors, metadata)
+
+
+def read_blob(data: bytes, source: str | os.PathLike | None = None) -> Blob:
+    """Parse and fully validate a blob. Any problem raises BadInputError with one line (prefixed by ``source``)."""
+    try:
+        return _parse(memoryview(data).cast("B"), trace=None)
+    except BadInputError as exc:
+        if source is None:
+            raise
+        raise BadInputError(str(exc), source) from None
+
+
+def describe_layout(data: bytes, max_bytes: int | None = None) -> str:
+    """An annotated hex listing of a valid blob, field by field (docs/FORMAT.md's worked example is one).
+
+    ``max_bytes`` shortens long fields (payloads) to that many bytes; None shows everything.
+    """
+    buf = memoryview(data).cast("B")
+    trace: list[tuple[int, bytes, str, str]] = []
+    _parse(buf, trace)
+    lines = []
+    for offset, raw, label, shown in sorted(trace, key=lambda span: span[0]):
+        text = f"{label} = {shown}" if shown else label
+        visible = raw if max_bytes is None else raw[:max_bytes]
+        rows = [visible[i : i + 16] for i in range(0, len(visible), 16)] or [b""]
+        for row_index, row in enumerate(rows):
+            hex_part = row.hex(" ").ljust(47)
+            lines.append(
+                f"{offset + 16 * row_index:06x}  {hex_part}  {text if row_index == 0 else ''}".rstrip()
+            )
+        if len(visible) < len(raw):
+            lines.append(f"{'':6}  ... {len(raw) - len(visible)} more bytes")
+    return "\n".join(lines) + "\n"
+
+
+# --- files ---------------------------------------------------------------------------------------------------
+
+
+def load_blob(path: str | os.PathLike) -> Blob:
+    """Read and validate the ``.wl`` file at ``path``; errors name the file."""
+    return read_blob(read_input_bytes(path), source=Path(path))
+
+
+def save_blob(path: str | os.PathLike, blob: Blob) -> int:
+    """Write ``blob`` to ``path`` atomically; return the file size in bytes."""
+    data = write_blob(blob)
+    write_bytes_atomic(path, data)
+    return len(data)
