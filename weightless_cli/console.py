@@ -58,6 +58,9 @@ class Reporter:
 
     def __post_init__(self) -> None:
         self.err = Console(stderr=True, highlight=False, soft_wrap=False)
+        if not self.err.is_terminal:
+            # Logs and pipes have no width; don't squeeze tensor names into 80 columns.
+            self.err.width = 200
 
     @property
     def human(self) -> bool:
@@ -78,7 +81,8 @@ class Reporter:
         table = Table(title=title, title_justify="left", show_footer=footer is not None)
         for index, (key, header, _) in enumerate(columns):
             text_footer = "" if footer is None else (columns[index][2](footer[key]) if key in footer else "")
-            table.add_column(header, footer=text_footer, justify="left" if index == 0 else "right", no_wrap=index != 0)
+            table.add_column(header, footer=text_footer, justify="left" if index == 0 else "right", no_wrap=True,
+                             overflow="fold")
         for row in rows:
             table.add_row(*(fmt(row[key]) if row.get(key) is not None else "-" for key, _, fmt in columns))
         self.err.print(table)

@@ -300,7 +300,7 @@ class Selection:
 
     By default: weights of Gemm/MatMul/Conv/RNN ops and embedding tables with at least
     ``min_params`` values. ``layers`` narrows by glob; a tensor named exactly (no
-    wildcard) is taken whatever its role, so a bias can be chosen deliberately.
+    wildcard) is taken whatever its role and size, so a bias can be chosen deliberately.
     Quantized tensors are never selected.
     """
 
@@ -309,11 +309,11 @@ class Selection:
     min_params: int = DEFAULT_MIN_PARAMS
 
     def wants(self, tensor: WeightTensor) -> bool:
-        if tensor.quantized or match_any(tensor.name, self.exclude) or tensor.params < self.min_params:
+        if tensor.quantized or match_any(tensor.name, self.exclude):
             return False
         if tensor.name in self.layers:
             return True
-        if self.layers and not match_any(tensor.name, self.layers):
+        if tensor.params < self.min_params or (self.layers and not match_any(tensor.name, self.layers)):
             return False
         return tensor.role in COMPRESSIBLE_ROLES
 

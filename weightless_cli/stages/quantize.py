@@ -23,34 +23,53 @@ def kmeans_1d(values: np.ndarray, k: int, max_iterations: int = MAX_ITERATIONS) 
     """Cluster 1-D ``values`` into at most ``k`` groups.
 
     Returns ``(centroids, labels)``: the sorted centroids that own at least one value,
-    and for every value the index of its centroid.
+    and for every value the index of its centroid. A cluster left empty (linear
+    initialisation puts centroids where no weights are) is re-seeded inside the cluster
+    with the largest squared error, so that all ``k`` values are put to use.
     """
     flat = np.asarray(values, dtype=np.float64).ravel()
     if flat.size == 0:
         return np.empty(0), np.empty(0, dtype=np.int64)
-    order = np.argsort(flat, kind="stable")
-    ordered = flat[order]
+    ordered = np.sort(flat)
     prefix = np.concatenate(([0.0], np.cumsum(ordered)))
+    prefix_sq = np.concatenate(([0.0], np.cumsum(ordered**2)))
+    k = min(k, np.unique(ordered).size)
     centroids = np.linspace(ordered[0], ordered[-1], k) if k > 1 else np.array([ordered.mean()])
     starts = None
     for _ in range(max_iterations):
-        # Each value belongs to the nearest centroid: cut the sorted values at the midpoints.
-        cuts = np.searchsorted(ordered, (centroids[1:] + centroids[:-1]) / 2, side="right")
-        new_starts = np.concatenate(([0], cuts))
-        if starts is not None and np.array_equal(new_starts, starts):
+        starts_new, ends = _segments(ordered, centroids)
+        counts = ends - starts_new
+        if not counts.all():
+            centroids = _reseed_empty(ordered, prefix, prefix_sq, starts_new, ends, centroids)
+            continue
+        if starts is not None and np.array_equal(starts_new, starts):
             break
-        starts = new_starts
-        ends = np.concatenate((cuts, [ordered.size]))
-        counts = ends - starts
-        filled = counts > 0
-        # An empty cluster keeps its centroid; it is dropped at the end.
-        centroids = np.where(filled, (prefix[ends] - prefix[starts]) / np.maximum(counts, 1), centroids)
-    ends = np.concatenate((starts[1:], [ordered.size]))
+        starts = starts_new
+        centroids = (prefix[ends] - prefix[starts]) / counts
+    starts, ends = _segments(ordered, centroids)
     used = ends > starts
-    sorted_labels = np.repeat(np.cumsum(used) - 1, ends - starts)
-    labels = np.empty(flat.size, dtype=np.int64)
-    labels[order] = sorted_labels
-    return centroids[used], labels
+    # Same rule as _segments: a value equal to a midpoint belongs to the lower cluster.
+    labels = np.searchsorted((centroids[1:] + centroids[:-1]) / 2, flat, side="left")
+    return centroids[used], (np.cumsum(used) - 1)[labels]
+
+
+def _segments(ordered: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each value belongs to its nearest centroid: cut the sorted values at the midpoints."""
+    cuts = np.searchsorted(ordered, (centroids[1:] + centroids[:-1]) / 2, side="right")
+    return np.concatenate(([0], cuts)), np.concatenate((cuts, [ordered.size]))
+
+
+def _reseed_empty(ordered, prefix, prefix_sq, starts, ends, centroids) -> np.ndarray:
+    counts = ends - starts
+    safe = np.maximum(counts, 1)
+    sse = (prefix_sq[ends] - prefix_sq[starts]) - (prefix[ends] - prefix[starts]) ** 2 / safe
+    worst = int(np.argmax(np.where(counts > 1, sse, -1.0)))
+    empty = int(np.flatnonzero(counts == 0)[0])
+    # Split the worst cluster: the new centroid sits in its upper half.
+    candidate = ordered[starts[worst] + (3 * counts[worst]) // 4]
+    centroids = centroids.copy()
+    centroids[empty] = candidate if candidate not in centroids else ordered[ends[worst] - 1]
+    return np.sort(centroids)
 
 
 def quantize_array(values: np.ndarray, k: int) -> np.ndarray:
