@@ -15,6 +15,7 @@ from weightless_cli.console import (
     fmt_float,
     fmt_int,
     fmt_pct,
+    fmt_ratio,
     fmt_str,
 )
 from weightless_cli.errors import EXIT_BAD_INPUT, UsageError, WeightlessError
@@ -182,6 +183,121 @@ def quantize(model: Path, output: Path, force: bool, clusters: tuple[str, ...], 
         ("name", "tensor", str), ("params", "params", fmt_int), ("nonzeros", "nonzeros", fmt_int),
         ("clusters", "K", fmt_int), ("mse", "weight MSE", fmt_float), ("max_abs_error", "max |error|", fmt_float)])
     reporter.result(result)
+
+
+def _parse_t(text: str) -> int:
+    t = int(text)
+    if not 1 <= t <= 16:
+        raise UsageError(f"t must be in 1..16, got {t}")
+    return t
+
+
+def _parse_fp_bits(text: str) -> int:
+    bits = int(text)
+    if not 0 <= bits <= 15:
+        raise UsageError(f"fp-bits must be in 0..15, got {bits}")
+    return bits
+
+
+@cli.command()
+@model_argument()
+@writer_options
+@click.option("--t", "t", multiple=True, metavar="[NAME=]T",
+              help="Bits per filter cell (1-16); NAME=T for one tensor. Overrides --fp-bits.")
+@click.option("--fp-bits", "fp_bits", multiple=True, metavar="[NAME=]B",
+              help="t = ceil(log2(K+1)) + B: each zero becomes a false positive with probability "
+                   "about 2^-B (K/2^t exactly).  [default: 6]")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True,
+              help="First hash seed tried; the same inputs and seed give identical bytes.")
+@selection_options
+@output_options
+def encode(model: Path, output: Path, force: bool, t: tuple[str, ...], fp_bits: tuple[str, ...], seed: int,
+           layers: tuple[str, ...], exclude: tuple[str, ...], min_params: int, as_json: bool, quiet: bool) -> None:
+    """Encode a clustered MODEL into a .wl blob (lossy Bloomier filter, Weightless).
+
+    Each selected tensor's nonzero positions map to their codebook index in a filter of
+    t-bit cells (about 1.125 cells per nonzero); a zero position reads back as a false
+    positive with probability K/2^t. Every other float tensor is stored losslessly.
+    Run `weightless quantize` first so tensors hold few distinct values.
+
+    \b
+    Examples:
+      weightless encode lenet.quant.onnx -o lenet.wl --fp-bits 7
+      weightless encode lenet.quant.onnx -o lenet.wl --t 10 --t 'fc3*=8' --seed 1
+    """
+    from weightless_cli.stages.encode import DEFAULT_FP_BITS, encode_file
+
+    target = check_writable(output, force)
+    t_settings = PerTensor.parse(t, _parse_t, "--t")
+    fp_settings = PerTensor.parse(fp_bits, _parse_fp_bits, "--fp-bits", default=DEFAULT_FP_BITS)
+    result = encode_file(model, target, Selection(layers, exclude, min_params), t_settings, fp_settings, seed)
+    reporter = Reporter(as_json, quiet)
+    _report_warnings(reporter, result)
+    encoded = [row for row in result["tensors"] if row["codec"] != "raw"]
+    reporter.table(f"encoded → {target}", encoded, [
+        ("name", "tensor", str), ("params", "params", fmt_int), ("nonzeros", "nonzeros", fmt_int),
+        ("k", "K", fmt_int), ("t", "t", fmt_int), ("cells", "cells m", fmt_int), ("cells_per_key", "m/n", fmt_float),
+        ("bits", "bits", fmt_int), ("bits_per_nonzero", "bits/nonzero", fmt_float),
+        ("expected_false_positives", "exp. FP", fmt_float), ("ratio", "ratio", fmt_ratio)])
+    file = result["file"]
+    raw = [row for row in result["tensors"] if row["codec"] == "raw"]
+    reporter.info(f"{len(raw)} other tensor(s) stored losslessly ({fmt_bytes(sum(r['encoded_bytes'] for r in raw))})")
+    reporter.info(f"blob: {fmt_bytes(file['blob_bytes'])} — {file['ratio']:.1f}x smaller than {model} "
+                  f"({fmt_bytes(file['input_bytes'])}); encoded weights alone {file['weights_ratio'] or 0:.1f}x")
+    reporter.result(result)
+
+
+@cli.command()
+@click.argument("blob", type=click.Path(path_type=Path))
+@writer_options
+@output_options
+def decode(blob: Path, output: Path, force: bool, as_json: bool, quiet: bool) -> None:
+    """Rebuild the ONNX model stored in BLOB (false positives included, as it will run).
+
+    \b
+    Example:
+      weightless decode lenet.wl -o lenet.decoded.onnx
+    """
+    from weightless_cli.stages.decode import decode_file
+
+    target = check_writable(output, force)
+    result = decode_file(blob, target)
+    reporter = Reporter(as_json, quiet)
+    reporter.info(f"decoded {result['tensors']} tensor(s) → {target} ({fmt_bytes(result['output_bytes'])})")
+    reporter.result(result)
+
+
+@cli.command()
+@click.argument("blob", type=click.Path(path_type=Path))
+@click.option("--reference", type=click.Path(path_type=Path),
+              help="The clustered ONNX the blob was encoded from: compare every tensor with it.")
+@output_options
+def verify(blob: Path, reference: Path | None, as_json: bool, quiet: bool) -> None:
+    """Check BLOB: every checksum, and with --reference every tensor.
+
+    Stored nonzeros must decode exactly, false positives must stay within a binomial
+    bound of their expected count, and lossless tensors must be bit-exact. Exits 1 on any
+    failure, 3 on a corrupt blob.
+
+    \b
+    Example:
+      weightless verify lenet.wl --reference lenet.quant.onnx
+    """
+    from weightless_cli.errors import CheckFailedError
+    from weightless_cli.stages.decode import verify_file
+
+    result = verify_file(blob, reference)
+    reporter = Reporter(as_json, quiet)
+    reporter.info(f"{blob}: all checksums OK, {len(result['tensors']) or 'no'} tensor(s) compared")
+    reporter.table("verify", result["tensors"], [
+        ("name", "tensor", str), ("codec", "codec", str), ("params", "params", fmt_int),
+        ("wrong_nonzeros", "wrong nonzeros", fmt_int), ("false_positives", "false pos.", fmt_int),
+        ("expected_false_positives", "expected", fmt_float), ("false_positive_bound", "bound", fmt_float),
+        ("ok", "ok", lambda ok: "yes" if ok else "NO")])
+    reporter.result(result)
+    if not result["ok"]:
+        failed = [row["name"] for row in result["tensors"] if not row["ok"]]
+        raise CheckFailedError(f"verification failed for {', '.join(failed)}", blob)
 
 
 @cli.group()

@@ -120,8 +120,14 @@ class WeightTensor:
         values = np.asarray(values)
         if tuple(values.shape) != self.shape:
             raise ValueError(f"{self.name}: shape {values.shape} does not match {self.shape}")
-        stored = numpy_helper.from_array(values.astype(self.array().dtype), self.proto.name)
+        numpy_dtype = onnx.helper.tensor_dtype_to_np_dtype(self.proto.data_type)
+        stored = numpy_helper.from_array(values.astype(numpy_dtype), self.proto.name)
         self.proto.CopyFrom(stored)
+
+    def strip(self) -> None:
+        """Drop the values but keep name, dtype and shape (the graph of an encoded blob)."""
+        stripped = TensorProto(name=self.proto.name, data_type=self.proto.data_type, dims=self.proto.dims)
+        self.proto.CopyFrom(stripped)
 
 
 def _role_of_input(op_type: str, index: int, rank: int) -> str:
@@ -140,6 +146,11 @@ class OnnxModel:
     proto: onnx.ModelProto
     used_external_data: bool
     weights: list[WeightTensor]
+
+    @classmethod
+    def from_proto(cls, proto: onnx.ModelProto, path: str | os.PathLike) -> OnnxModel:
+        """Wrap an in-memory model (e.g. the graph of a blob); ``path`` names it in messages."""
+        return cls(path=Path(path), proto=proto, used_external_data=False, weights=list(_find_weights(proto.graph)))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> OnnxModel:

@@ -1,0 +1,135 @@
+"""Turn a ``.wl`` blob back into an ONNX model, and check a blob against its source model."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import onnx
+from google.protobuf.message import DecodeError
+
+from weightless_cli.codecs import bloomier
+from weightless_cli.codecs.bitpack import unpack_bits
+from weightless_cli.codecs.container import Blob, TensorRecord, bytes_to_array, load_blob, raw_array
+from weightless_cli.errors import BadInputError
+from weightless_cli.model import OnnxModel
+
+# verify fails a tensor whose false positives exceed their expectation by this many
+# standard deviations: for a correct filter that happens with probability < 1e-9.
+FALSE_POSITIVE_SIGMAS = 6.0
+
+
+def _as_numpy(values: np.ndarray, dtype: str) -> np.ndarray:
+    """bfloat16 travels as uint16 bit patterns; give it back its real dtype."""
+    return values.view(ml_dtypes.bfloat16) if dtype == "bfloat16" else values
+
+
+def bloomier_ids(record: TensorRecord) -> tuple[np.ndarray, np.ndarray]:
+    """(codebook, codebook index per position; any index ≥ K means zero) of a bloomier record."""
+    params = record.params
+    table = bloomier.BloomierTable.from_params(params, _cells(record))
+    codebook = _as_numpy(bytes_to_array(record.sections["codebook"], record.dtype), record.dtype)
+    return codebook, bloomier.decode_ids(table, record.n_elements, codebook.size)
+
+
+def _cells(record: TensorRecord) -> np.ndarray:
+    params = record.params
+    count, t = params.get("cells"), params.get("t")
+    if not isinstance(count, int) or not isinstance(t, int) or not 1 <= t <= 16:
+        raise BadInputError(f"tensor {record.name!r}: bad bloomier parameters")
+    if len(record.sections["cells"]) != math.ceil(count * t / 8):
+        raise BadInputError(f"tensor {record.name!r}: cells section does not hold {count} cells of {t} bits")
+    return unpack_bits(record.sections["cells"], t, count)
+
+
+def decode_record(record: TensorRecord) -> np.ndarray:
+    """The tensor a record stores, in its own dtype and shape."""
+    if record.codec == "raw":
+        return _as_numpy(raw_array(record), record.dtype)
+    if record.codec == "bloomier":
+        codebook, ids = bloomier_ids(record)
+        # Index K stands for zero: append it to the codebook so decoding is one gather.
+        lookup = np.concatenate((codebook, np.zeros(1, dtype=codebook.dtype)))
+        return lookup[np.minimum(ids, codebook.size)].reshape(record.shape)
+    raise BadInputError(f"tensor {record.name!r}: codec {record.codec!r} cannot be decoded by this version")
+
+
+def decode_blob(blob: Blob, source: str | Path) -> OnnxModel:
+    """Rebuild the ONNX model a blob holds (in memory)."""
+    proto = onnx.ModelProto()
+    try:
+        proto.ParseFromString(blob.graph)
+    except DecodeError:
+        raise BadInputError("the graph section is not an ONNX model", source) from None
+    model = OnnxModel.from_proto(proto, source)
+    by_name = {tensor.name: tensor for tensor in model.weights}
+    for record in blob.tensors:
+        tensor = by_name.get(record.name)
+        if tensor is None:
+            raise BadInputError(f"tensor {record.name!r} is not in the blob's graph", source)
+        if tensor.shape != record.shape or tensor.dtype != record.dtype:
+            raise BadInputError(f"tensor {record.name!r}: record {record.shape} {record.dtype} does not match the "
+                                f"graph's {tensor.shape} {tensor.dtype}", source)
+        tensor.set_array(decode_record(record))
+    try:
+        onnx.checker.check_model(model.proto)
+    except onnx.checker.ValidationError as exc:
+        raise BadInputError(f"decoded model fails the ONNX checker: {str(exc).strip().splitlines()[0]}",
+                            source) from None
+    return model
+
+
+def decode_file(source: Path, target: Path) -> dict:
+    blob = load_blob(source)
+    model = decode_blob(blob, source)
+    model.save(target)
+    return {"input": str(source), "output": str(target), "tensors": len(blob.tensors),
+            "output_bytes": target.stat().st_size}
+
+
+def false_positive_bound(zeros: int, k: int, t: int) -> float:
+    """The count of false positives above which a filter is judged broken."""
+    p = k / 2**t
+    mean = zeros * p
+    return mean + FALSE_POSITIVE_SIGMAS * math.sqrt(zeros * p * (1 - p)) + FALSE_POSITIVE_SIGMAS
+
+
+def verify_record(record: TensorRecord, reference: np.ndarray) -> dict:
+    """Compare one record with the tensor it was made from."""
+    decoded = decode_record(record)
+    row = {"name": record.name, "codec": record.codec, "params": record.n_elements}
+    if record.codec == "raw":
+        row["ok"] = decoded.tobytes() == np.asarray(reference, dtype=decoded.dtype).tobytes()
+        row["mismatches"] = int(np.count_nonzero(decoded.ravel().view(np.uint8) !=
+                                                 np.asarray(reference, dtype=decoded.dtype).ravel().view(np.uint8)))
+        return row
+    expected, got = np.asarray(reference).ravel(), decoded.ravel()
+    stored = expected != 0
+    wrong = int(np.count_nonzero(got[stored] != expected[stored]))
+    false_positives = int(np.count_nonzero(got[~stored]))
+    zeros, k, t = int((~stored).sum()), int(np.unique(expected[stored]).size), record.params["t"]
+    bound = false_positive_bound(zeros, k, t)
+    row.update({"nonzeros": int(stored.sum()), "wrong_nonzeros": wrong, "false_positives": false_positives,
+                "expected_false_positives": zeros * k / 2**t, "false_positive_bound": bound,
+                "ok": wrong == 0 and false_positives <= bound})
+    return row
+
+
+def verify_file(source: Path, reference: Path | None) -> dict:
+    """Check every checksum of a blob and, with a reference model, every tensor in it."""
+    blob = load_blob(source)  # checks every CRC, length and limit
+    model = decode_blob(blob, source)
+    rows = []
+    if reference is not None:
+        ref_model = OnnxModel.load(reference)
+        ref_tensors = {t.name: t for t in ref_model.weights}
+        for record in blob.tensors:
+            if record.name not in ref_tensors:
+                rows.append({"name": record.name, "codec": record.codec, "ok": False, "error": "not in reference"})
+                continue
+            rows.append(verify_record(record, ref_tensors[record.name].array()))
+    return {"input": str(source), "reference": None if reference is None else str(reference),
+            "checksums_ok": True, "tensors": rows, "decoded_weights": len(model.weights),
+            "ok": all(row["ok"] for row in rows)}
