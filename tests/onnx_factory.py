@@ -98,3 +98,17 @@ def save(model: onnx.ModelProto, path: Path, external: bool = False) -> Path:
     else:
         onnx.save_model(model, path)
     return path
+
+
+def rnn_model(op: str = "LSTM", seed: int = 5, hidden: int = 16, features: int = 12) -> onnx.ModelProto:
+    """An LSTM or GRU over [seq, N, features] with W, R and B initializers."""
+    gates = {"LSTM": 4, "GRU": 3}[op]
+    w = numpy_helper.from_array(rng_weights((1, gates * hidden, features), seed), f"{op.lower()}.W")
+    r = numpy_helper.from_array(rng_weights((1, gates * hidden, hidden), seed + 1), f"{op.lower()}.R")
+    b = numpy_helper.from_array(rng_weights((1, 2 * gates * hidden), seed + 2), f"{op.lower()}.B")
+    node = helper.make_node(op, ["input", w.name, r.name, b.name], ["Y", "Y_h"], hidden_size=hidden)
+    graph = helper.make_graph(
+        [node, helper.make_node("Identity", ["Y_h"], ["logits"])], op.lower(),
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [5, "N", features])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "N", hidden])], [w, r, b])
+    return _model(graph)
