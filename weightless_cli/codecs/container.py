@@ -562,7 +562,8 @@ def _read_payloads(cur: _Cursor, entries: list[_SectionEntry], label: str) -> di
     sections: dict[str, bytes] = {}
     for entry in entries:
         where = f"{label} section {entry.name!r}"
-        shown = f"{_ENCODING_NAMES[entry.encoding]} payload, {entry.stored_len} bytes"
+        plural = "" if entry.stored_len == 1 else "s"
+        shown = f"{_ENCODING_NAMES[entry.encoding]} payload, {entry.stored_len} byte{plural}"
         stored = cur.take(entry.stored_len, where, shown=shown)
         if zlib.crc32(stored) != entry.crc:
             raise _Invalid(f"{where} checksum mismatch")

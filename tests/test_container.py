@@ -1,0 +1,585 @@
+"""Tests for the .wl blob container (weightless_cli/codecs/container.py) against docs/FORMAT.md.
+
+Hostile inputs are built with a small, independent encoder written from the spec (``_Spec`` below), so a
+blob can declare anything (2^40 elements, unknown codecs, lying lengths) and still carry valid checksums.
+"""
+
+from __future__ import annotations
+
+import lzma
+import re
+import struct
+import tracemalloc
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from weightless_cli import __version__
+from weightless_cli.codecs import container as c
+from weightless_cli.codecs.container import (
+    Blob,
+    TensorRecord,
+    array_to_bytes,
+    bytes_to_array,
+    describe_layout,
+    load_blob,
+    raw_array,
+    raw_record,
+    read_blob,
+    save_blob,
+    write_blob,
+)
+from weightless_cli.errors import BadInputError
+
+FORMAT_MD = Path(__file__).resolve().parents[1] / "docs" / "FORMAT.md"
+
+
+def example_blob() -> Blob:
+    """The tiny blob of docs/FORMAT.md's worked example: a raw bias and a Bloomier-coded weight."""
+    bloomier = TensorRecord(
+        "fc.weight",
+        (2, 3),
+        "float16",
+        "bloomier",
+        {"t": 2, "seed": 7, "cells": 4, "n_positions": 6},
+        {"codebook": np.array([0.5, -0.25], "<f2").tobytes(), "cells": bytes([0b10_01_00_11])},
+    )
+    bias = raw_record("fc.bias", np.array([1.0, -2.0], np.float32))
+    return Blob(b"onnx-graph", [bloomier, bias], {"writer": "weightless (example)"})
+
+
+def assert_rejected(data: bytes) -> str:
+    with pytest.raises(BadInputError) as info:
+        read_blob(data)
+    message = str(info.value)
+    assert message and "\n" not in message and "\r" not in message
+    return message
+
+
+# --- an independent encoder, written from docs/FORMAT.md -------------------------------------------------
+
+
+class _Spec:
+    """Byte-level builders following the spec, without any of the writer's validation."""
+
+    @staticmethod
+    def frame(body: bytes) -> bytes:
+        return struct.pack("<I", len(body)) + body + struct.pack("<I", zlib.crc32(body))
+
+    @staticmethod
+    def s8(text: bytes) -> bytes:
+        return struct.pack("<B", len(text)) + text
+
+    @staticmethod
+    def lzma2(data: bytes) -> bytes:
+        dict_size = min(max(len(data), 4096), 8 << 20)
+        filters = [{"id": lzma.FILTER_LZMA2, "preset": 6, "dict_size": dict_size}]
+        return lzma.compress(data, format=lzma.FORMAT_RAW, filters=filters)
+
+    @classmethod
+    def table(cls, sections: list[tuple]) -> tuple[bytes, bytes]:
+        """(name, encoding, stored bytes, decoded length[, declared stored length]) -> (table, payloads)."""
+        table = struct.pack("<B", len(sections))
+        for name, encoding, stored, decoded_len, *declared in sections:
+            stored_len = declared[0] if declared else len(stored)
+            table += cls.s8(name) + struct.pack(
+                "<BQQI", encoding, stored_len, decoded_len, zlib.crc32(stored)
+            )
+        return table, b"".join(section[2] for section in sections)
+
+    @classmethod
+    def stored(cls, name: bytes, data: bytes) -> tuple[bytes, int, bytes, int]:
+        return (name, 0, data, len(data))
+
+    @classmethod
+    def file_record(cls, tensor_count: int, metadata=(), graph: bytes = b"g", sections=None) -> bytes:
+        body = struct.pack("<IH", tensor_count, len(metadata))
+        for key, value in metadata:
+            body += struct.pack("<H", len(key)) + key + struct.pack("<H", len(value)) + value
+        table, payloads = cls.table(sections if sections is not None else [cls.stored(b"graph", graph)])
+        return cls.frame(body + table) + payloads
+
+    @classmethod
+    def tensor(
+        cls,
+        name: bytes = b"w",
+        tag: int = 1,
+        shape: tuple[int, ...] = (2,),
+        codec: bytes = b"raw",
+        params: list[tuple[bytes, int]] = (),
+        sections=None,
+    ) -> bytes:
+        if sections is None:
+            sections = [cls.stored(b"data", bytes(8))]
+        body = struct.pack("<H", len(name)) + name + struct.pack("<BB", tag, len(shape))
+        body += b"".join(struct.pack("<Q", dim) for dim in shape)
+        body += cls.s8(codec) + struct.pack("<B", len(params))
+        body += b"".join(cls.s8(key) + struct.pack("<q", value) for key, value in params)
+        table, payloads = cls.table(sections)
+        return cls.frame(body + table) + payloads
+
+    @staticmethod
+    def assemble(records: bytes, major: int = 1, minor: int = 0) -> bytes:
+        head = struct.pack("<8sHHQ", c.MAGIC, major, minor, 24 + len(records) + 4)
+        body = head + struct.pack("<I", zlib.crc32(head)) + records
+        return body + struct.pack("<I", zlib.crc32(body))
+
+    @classmethod
+    def blob(cls, *tensors: bytes, **file_record) -> bytes:
+        return cls.assemble(cls.file_record(len(tensors), **file_record) + b"".join(tensors))
+
+
+# --- round trips ---------------------------------------------------------------------------------------------
+
+
+def test_example_round_trips_and_adds_nothing_when_writer_is_set():
+    blob = example_blob()
+    assert read_blob(write_blob(blob)) == blob
+
+
+def test_writer_metadata_is_added_unless_given():
+    blob = Blob(b"g", [], {"model": "lenet"})
+    assert read_blob(write_blob(blob)).metadata == {"writer": f"weightless {__version__}", "model": "lenet"}
+
+
+def test_independent_encoder_reproduces_writer_bytes():
+    """The spec, re-implemented in the test, gives the very same bytes as the writer (incl. LZMA2)."""
+    zeros = np.zeros(256, np.float32)
+    blob = Blob(b"graph" * 40, [raw_record("z", zeros)], {"writer": "w", "a": "b"})
+    expected = _Spec.blob(
+        _Spec.tensor(b"z", 1, (256,), b"raw", [], [(b"data", 1, _Spec.lzma2(zeros.tobytes()), 1024)]),
+        metadata=[(b"a", b"b"), (b"writer", b"w")],
+        sections=[(b"graph", 1, _Spec.lzma2(b"graph" * 40), 200)],
+    )
+    assert write_blob(blob) == expected
+
+
+def test_deterministic_and_canonical():
+    blob = example_blob()
+    first = write_blob(blob)
+    assert write_blob(example_blob()) == first
+    assert write_blob(read_blob(first)) == first
+    # Order of params, sections and metadata in the input dicts does not matter: the file is sorted.
+    shuffled = [
+        TensorRecord(
+            r.name,
+            r.shape,
+            r.dtype,
+            r.codec,
+            dict(reversed(r.params.items())),
+            dict(reversed(r.sections.items())),
+        )
+        for r in blob.tensors
+    ]
+    assert write_blob(Blob(blob.graph, shuffled, blob.metadata)) == first
+
+
+def test_compressible_sections_are_lzma_only_when_smaller():
+    noise = np.random.default_rng(0).integers(0, 2**16, 8, dtype=np.uint16).view(np.float16)
+    zeros = np.zeros(4096, np.float32)
+    layout = describe_layout(write_blob(Blob(b"", [raw_record("n", noise), raw_record("z", zeros)])))
+    assert "'n' section 'data' = stored payload, 16 bytes" in layout
+    assert re.search(r"'z' section 'data' = lzma2 payload, \d+ bytes", layout)
+
+
+_names = st.text(min_size=1, max_size=12).filter(lambda s: len(s.encode()) <= c.MAX_NAME_BYTES)
+_dtypes = st.sampled_from(sorted(c.DTYPES))
+_shapes = st.lists(st.integers(0, 4), max_size=3).map(tuple)
+_ids = st.from_regex(r"[a-z_][a-z0-9_]{0,10}", fullmatch=True)
+
+
+@st.composite
+def _records(draw, name: str) -> TensorRecord:
+    dtype, shape = draw(_dtypes), draw(_shapes)
+    itemsize = c.DTYPES[dtype].itemsize
+    if draw(st.booleans()):
+        count = int(np.prod(shape))
+        data = draw(
+            st.one_of(
+                st.binary(min_size=count * itemsize, max_size=count * itemsize),
+                st.just(bytes(count * itemsize)),
+            )
+        )
+        return TensorRecord(name, shape, dtype, "raw", {}, {"data": data})
+    params = draw(st.dictionaries(_ids, st.integers(-(2**63), 2**63 - 1), max_size=6))
+    entries = draw(st.integers(0, 5))
+    codebook = draw(st.binary(min_size=entries * itemsize, max_size=entries * itemsize))
+    return TensorRecord(
+        name, shape, dtype, "bloomier", params, {"codebook": codebook, "cells": draw(st.binary(max_size=40))}
+    )
+
+
+@st.composite
+def _blobs(draw) -> Blob:
+    names = draw(st.lists(_names, max_size=4, unique=True))
+    metadata = draw(st.dictionaries(st.text(min_size=1, max_size=8), st.text(max_size=20), max_size=3))
+    graph = draw(st.one_of(st.binary(max_size=200), st.just(b"\x08\x07" * 100)))
+    return Blob(graph, [draw(_records(name)) for name in names], metadata)
+
+
+@settings(max_examples=100, deadline=None)
+@given(_blobs())
+def test_round_trip_property(blob):
+    data = write_blob(blob)
+    back = read_blob(data)
+    assert back.graph == blob.graph and back.tensors == blob.tensors
+    assert back.metadata == {"writer": f"weightless {__version__}", **blob.metadata}
+    assert write_blob(back) == data
+
+
+# --- raw tensors ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "float64"])
+def test_raw_record_round_trips_each_float_dtype(dtype):
+    array = np.random.default_rng(1).normal(size=(3, 4)).astype(dtype)
+    record = read_blob(write_blob(Blob(b"", [raw_record("x", array)]))).tensors[0]
+    assert record.dtype == dtype and record.shape == (3, 4)
+    np.testing.assert_array_equal(raw_array(record), array)
+
+
+def test_raw_record_bfloat16_from_bit_patterns_and_ml_dtypes():
+    bits = np.array([[0x3F80, 0xC000], [0x7FC0, 0x0001]], np.uint16)
+    record = read_blob(write_blob(Blob(b"", [raw_record("b", bits, dtype="bfloat16")]))).tensors[0]
+    assert record.dtype == "bfloat16"
+    np.testing.assert_array_equal(raw_array(record), bits)
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    values = np.array([1.0, -2.0, 0.5], dtype=ml_dtypes.bfloat16)
+    assert raw_record("b", values).dtype == "bfloat16"
+    np.testing.assert_array_equal(raw_array(raw_record("b", values)), values.view(np.uint16))
+
+
+def test_raw_bytes_are_little_endian_c_order_whatever_the_input_layout():
+    array = np.arange(6, dtype=">f4").reshape(2, 3).T  # big-endian, Fortran-ordered view
+    data = raw_record("x", array).sections["data"]
+    assert data == np.ascontiguousarray(array, dtype="<f4").tobytes()
+    np.testing.assert_array_equal(bytes_to_array(data, "float32", (3, 2)), array)
+
+
+def test_array_helpers_refuse_mismatched_dtypes():
+    with pytest.raises(ValueError, match="float16"):
+        array_to_bytes(np.zeros(2, np.float32), "float16")
+    with pytest.raises(ValueError, match="uint16"):
+        raw_record("x", np.zeros(2, np.uint16))  # ambiguous: must say dtype="bfloat16"
+    with pytest.raises(ValueError, match="int8"):
+        array_to_bytes(np.zeros(2, np.float32), "int8")
+    with pytest.raises(ValueError, match="not 'raw'"):
+        raw_array(example_blob().tensors[0])
+
+
+# --- corruption: every byte value, every bit, every truncation ------------------------------------------------
+
+
+def _small_blob() -> bytes:
+    """Every kind of field, an LZMA2 section included, in few bytes so that exhaustive tests stay quick."""
+    blob = Blob(
+        b"\x00" * 64,
+        [
+            TensorRecord(
+                "w", (2,), "float16", "bloomier", {"t": 1}, {"codebook": b"\x00\x38", "cells": b"\x01"}
+            ),
+            raw_record("b", np.zeros(1, np.float32)),
+        ],
+        {"writer": "x"},
+    )
+    data = write_blob(blob)
+    assert "lzma2 payload" in describe_layout(data)
+    return data
+
+
+def test_every_single_byte_corruption_is_rejected():
+    data = _small_blob()
+    for position in range(len(data)):
+        corrupted = bytearray(data)
+        for value in range(256):
+            if value == data[position]:
+                continue
+            corrupted[position] = value
+            assert_rejected(bytes(corrupted))
+
+
+def test_every_single_bit_flip_is_rejected():
+    data = write_blob(example_blob())
+    for bit in range(8 * len(data)):
+        flipped = bytearray(data)
+        flipped[bit // 8] ^= 1 << (bit % 8)
+        assert_rejected(bytes(flipped))
+
+
+def test_every_truncation_and_any_extension_is_rejected():
+    data = _small_blob()
+    for length in range(len(data)):
+        assert_rejected(data[:length])
+    assert "trailing bytes" in assert_rejected(data + b"\x00")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_random_damage_only_ever_raises_bad_input(draw):
+    data = bytearray(_small_blob())
+    for _ in range(draw.draw(st.integers(1, 8))):
+        position = draw.draw(st.integers(0, len(data) - 1))
+        data[position] = draw.draw(st.integers(0, 255))
+    cut = draw.draw(st.integers(0, len(data)))
+    damaged = bytes(data[:cut])
+    if damaged != _small_blob():
+        assert_rejected(damaged)
+
+
+def test_messages_name_the_failure_and_the_source():
+    data = bytearray(write_blob(example_blob()))
+    data[-6] ^= 0xFF  # inside the raw bias payload, just before the 4-byte trailer
+    message = assert_rejected(bytes(data))
+    assert message == "corrupt .wl blob: tensor 1 'fc.bias' section 'data' checksum mismatch"
+    with pytest.raises(BadInputError, match=r"^model\.wl: corrupt"):
+        read_blob(bytes(data), source="model.wl")
+    assert assert_rejected(b"PK\x03\x04") == "not a .wl blob (bad magic bytes)"
+
+
+# --- versions and codecs -------------------------------------------------------------------------------------
+
+
+def test_newer_major_version_is_rejected_with_upgrade_hint():
+    message = assert_rejected(_Spec.assemble(_Spec.file_record(0), major=2))
+    assert "2.0 is newer" in message and "upgrade" in message
+    assert "predates" in assert_rejected(_Spec.assemble(_Spec.file_record(0), major=0))
+
+
+def test_newer_minor_version_is_read():
+    blob = read_blob(_Spec.assemble(_Spec.file_record(1) + _Spec.tensor(), minor=7))
+    assert blob.tensors[0].name == "w" and blob.graph == b"g"
+
+
+def test_unknown_codec_is_rejected_by_name():
+    data = _Spec.blob(_Spec.tensor(codec=b"dpred", sections=[_Spec.stored(b"deltas", b"\x01")]))
+    message = assert_rejected(data)
+    assert "unknown codec 'dpred'" in message and "newer weightless" in message
+
+
+@pytest.mark.parametrize(
+    ("tensor", "expected"),
+    [
+        (_Spec.tensor(tag=3), "unknown dtype tag 3"),
+        (_Spec.tensor(codec=b"Raw"), "invalid codec id"),
+        (_Spec.tensor(sections=[]), "sections [] do not match"),
+        (_Spec.tensor(params=[(b"t", 1)]), "do not match the codec's"),
+        (_Spec.tensor(sections=[_Spec.stored(b"data", bytes(7))]), "raw data is 7 bytes, expected 2 x 4"),
+        (_Spec.tensor(sections=[(b"data", 2, bytes(8), 8)]), "unknown encoding 2"),
+        (_Spec.tensor(sections=[(b"data", 0, bytes(8), 9)]), "declares 9 decoded bytes but holds 8"),
+        (_Spec.tensor(name=b"\xff"), "not valid UTF-8"),
+        (_Spec.tensor(name=b""), "name of 0 bytes"),
+        (
+            _Spec.tensor(
+                codec=b"bloomier",
+                params=[(b"t", 1), (b"seed", 0)],
+                sections=[_Spec.stored(b"cells", b""), _Spec.stored(b"codebook", b"")],
+            ),
+            "params not in strictly increasing",
+        ),
+        (
+            _Spec.tensor(
+                codec=b"bloomier", sections=[_Spec.stored(b"codebook", b""), _Spec.stored(b"cells", b"")]
+            ),
+            "sections not in strictly increasing",
+        ),
+        (
+            _Spec.tensor(
+                codec=b"bloomier",
+                sections=[_Spec.stored(b"cells", b""), _Spec.stored(b"codebook", b"\x00" * 3)],
+            ),
+            "codebook is 3 bytes, not a multiple of 4",
+        ),
+        (
+            _Spec.tensor(
+                codec=b"bloomier",
+                sections=[(b"cells", 1, _Spec.lzma2(b"\x00" * 99), 99), _Spec.stored(b"codebook", b"")],
+            ),
+            "section 'cells' may not be compressed",
+        ),
+    ],
+)
+def test_malformed_records_are_rejected(tensor, expected):
+    assert expected in assert_rejected(_Spec.blob(tensor))
+
+
+def test_duplicate_names_and_unsorted_metadata_are_rejected():
+    assert "duplicate tensor names" in assert_rejected(_Spec.blob(_Spec.tensor(), _Spec.tensor()))
+    unsorted = _Spec.blob(metadata=[(b"b", b""), (b"a", b"")])
+    assert "metadata keys not in strictly increasing order" in assert_rejected(unsorted)
+
+
+# --- limits: refused before any allocation ------------------------------------------------------------------
+
+
+def _peak_bytes_while_rejecting(data: bytes) -> tuple[int, str]:
+    tracemalloc.start()
+    try:
+        message = assert_rejected(data)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return peak, message
+
+
+@pytest.mark.parametrize(
+    ("tensor", "expected"),
+    [
+        (_Spec.tensor(shape=(2**20, 2**20)), "has 1099511627776 elements"),  # 2^40
+        (_Spec.tensor(shape=(0, 2**40)), "dimension 1099511627776 out of range"),
+        (_Spec.tensor(shape=(2**64 - 1,)), "out of range"),
+        (_Spec.tensor(shape=(1,) * 9), "9 dimensions (limit 8)"),
+        (_Spec.tensor(name=b"n" * 4097), "name of 4097 bytes"),
+        (_Spec.tensor(sections=[(b"data", 0, b"", 2**63)]), "declares 9223372036854775808 decoded bytes"),
+    ],
+)
+def test_hostile_headers_are_refused_without_allocating(tensor, expected):
+    peak, message = _peak_bytes_while_rejecting(_Spec.blob(tensor))
+    assert expected in message
+    assert peak < 1 << 20, f"peak {peak} bytes while rejecting"
+
+
+def test_lzma_claiming_a_huge_tensor_costs_only_its_capped_dictionary():
+    """Decompression is bounded by the declared size; the LZMA2 dictionary is capped at 8 MiB whatever it says."""
+    bomb_claim = _Spec.tensor(shape=(2**32,), sections=[(b"data", 1, _Spec.lzma2(bytes(64)), 2**34)])
+    peak, message = _peak_bytes_while_rejecting(_Spec.blob(bomb_claim))
+    assert "does not decompress to exactly its declared 17179869184 bytes" in message
+    assert peak < (8 << 20) + (1 << 20), f"peak {peak} bytes while rejecting"
+
+
+def test_section_lengths_must_fit_in_the_file():
+    lying = _Spec.tensor(sections=[(b"data", 0, bytes(8), 8, 2**62)])
+    assert "declares 8 decoded bytes but holds 4611686018427387904" in assert_rejected(_Spec.blob(lying))
+    cells = (b"cells", 0, b"", 2**62, 2**62)
+    past_end = _Spec.tensor(codec=b"bloomier", sections=[cells, _Spec.stored(b"codebook", b"")])
+    peak, message = _peak_bytes_while_rejecting(_Spec.blob(past_end))
+    assert "'w' sections run past the end of the file" in message and peak < 1 << 20
+
+
+def test_counts_are_capped():
+    too_many = _Spec.assemble(_Spec.file_record(c.MAX_TENSORS + 1))
+    assert "65537 tensors (limit 65536)" in assert_rejected(too_many)
+    huge_record = _Spec.assemble(struct.pack("<I", 2**32 - 1) + bytes(12))
+    assert "needs 4294967295 bytes" in assert_rejected(huge_record)
+
+
+def test_lzma_stream_must_match_its_declared_size_exactly():
+    payload = bytes(range(8))
+    packed = _Spec.lzma2(payload)
+    too_short = _Spec.tensor(sections=[(b"data", 1, _Spec.lzma2(payload[:4]), 8)])
+    too_long = _Spec.tensor(sections=[(b"data", 1, _Spec.lzma2(payload + b"x"), 8)])
+    trailing = _Spec.tensor(sections=[(b"data", 1, packed + b"\x00", 8)])
+    garbage = _Spec.tensor(sections=[(b"data", 1, b"\xff" * 12, 8)])
+    for tensor in (too_short, too_long, trailing, garbage):
+        assert "tensor 0 'w' section 'data' does not decompress" in assert_rejected(_Spec.blob(tensor))
+    assert (
+        raw_array(
+            read_blob(_Spec.blob(_Spec.tensor(sections=[(b"data", 1, packed, 8)]))).tensors[0]
+        ).tobytes()
+        == payload
+    )
+
+
+# --- writer-side limits --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("record", "expected"),
+    [
+        (TensorRecord("n" * 4097, (1,), "float32", "raw", {}, {"data": bytes(4)}), "name of 4097 bytes"),
+        (TensorRecord("x", (1,) * 9, "float32", "raw", {}, {"data": bytes(4)}), "9 dimensions"),
+        (TensorRecord("x", (2**33,), "float32", "raw", {}, {"data": b""}), "out of range"),
+        (TensorRecord("x", (1,), "int8", "raw", {}, {"data": bytes(1)}), "unknown dtype 'int8'"),
+        (TensorRecord("x", (1,), "float32", "sparse", {}, {}), "unknown codec 'sparse'"),
+        (TensorRecord("x", (1,), "float32", "raw", {}, {"data": bytes(3)}), "raw data is 3 bytes"),
+        (TensorRecord("x", (1,), "float32", "raw", {}, {}), "sections [] do not match"),
+        (
+            TensorRecord("x", (1,), "float32", "bloomier", {"t": 2**63}, {"cells": b"", "codebook": b""}),
+            "does not fit in int64",
+        ),
+        (
+            TensorRecord("x", (1,), "float32", "bloomier", {"t": 1.5}, {"cells": b"", "codebook": b""}),
+            "expected int",
+        ),
+        (
+            TensorRecord("x", (1,), "float32", "bloomier", {"T": 1}, {"cells": b"", "codebook": b""}),
+            "invalid param name 'T'",
+        ),
+        (
+            TensorRecord("x", (1,), "float32", "bloomier", {}, {"cells": b"", "codebook": bytes(4 * 65536)}),
+            "65536 entries",
+        ),
+    ],
+)
+def test_writer_refuses_what_the_reader_would(record, expected):
+    with pytest.raises(BadInputError, match=re.escape(expected)) as info:
+        write_blob(Blob(b"", [record]))
+    assert str(info.value).startswith("cannot write .wl blob: tensor 0 ") and "\n" not in str(info.value)
+
+
+def test_writer_refuses_duplicates_and_oversized_metadata():
+    record = raw_record("x", np.zeros(1, np.float32))
+    with pytest.raises(BadInputError, match="duplicate tensor name"):
+        write_blob(Blob(b"", [record, record]))
+    with pytest.raises(BadInputError, match="metadata value of 65536 bytes"):
+        write_blob(Blob(b"", [], {"k": "v" * 65536}))
+    with pytest.raises(BadInputError, match="metadata key of 0 bytes"):
+        write_blob(Blob(b"", [], {"": "v"}))
+
+
+def test_numpy_integer_params_are_accepted_as_ints():
+    record = TensorRecord(
+        "x", (1,), "float32", "bloomier", {"t": np.uint8(3)}, {"cells": b"", "codebook": b""}
+    )
+    assert read_blob(write_blob(Blob(b"", [record]))).tensors[0].params == {"t": 3}
+
+
+# --- files and the spec ----------------------------------------------------------------------------------
+
+
+def test_save_and_load_name_the_file(tmp_path):
+    path = tmp_path / "m.wl"
+    assert save_blob(path, example_blob()) == path.stat().st_size
+    assert load_blob(path) == example_blob()
+    path.write_bytes(path.read_bytes()[:-1])
+    with pytest.raises(BadInputError, match=r"m\.wl: truncated \.wl blob"):
+        load_blob(path)
+    with pytest.raises(BadInputError, match="no such file"):
+        load_blob(tmp_path / "missing.wl")
+
+
+def test_format_md_worked_example_matches_the_code():
+    text = FORMAT_MD.read_text(encoding="utf-8")
+    match = re.search(
+        r"<!-- layout-example:begin -->\n```text\n(.*?)```\n<!-- layout-example:end -->", text, re.S
+    )
+    assert match, "docs/FORMAT.md lost its worked example markers"
+    assert match.group(1) == describe_layout(write_blob(example_blob()))
+
+
+def test_format_md_documents_every_limit_codec_and_dtype():
+    text = FORMAT_MD.read_text(encoding="utf-8")
+    limits = text.split("## Limits", 1)[1].split("\n## ", 1)[0]
+    for value in (
+        c.MAX_TENSORS,
+        c.MAX_NDIM,
+        c.MAX_NAME_BYTES,
+        c.MAX_ID_BYTES,
+        c.MAX_PARAMS,
+        c.MAX_SECTIONS,
+        c.MAX_METADATA_ENTRIES,
+        c.MAX_METADATA_KEY_BYTES,
+        c.MAX_METADATA_VALUE_BYTES,
+        c.MAX_CODEBOOK_ENTRIES,
+    ):
+        assert re.search(rf"\|\s*(.* / )?{value}\b", limits), f"limit {value} missing from docs/FORMAT.md"
+    assert "2^32 (4294967296)" in limits and "2^31 bytes" in limits and "8 MiB" in limits
+    assert (c.MAX_ELEMENTS, c.MAX_GRAPH_BYTES) == (2**32, 2**31)
+    for codec in c.CODECS:
+        assert f"| `{codec}` |" in text
+    for name, info in c.DTYPES.items():
+        assert f"| {info.tag} | `{name}` | {info.itemsize} |" in text
+    assert f"`{c.MAGIC.hex(' ').upper()}`" in text and f"preset {c.LZMA_PRESET}" in text
