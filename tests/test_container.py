@@ -334,7 +334,7 @@ def test_messages_name_the_failure_and_the_source():
     data = bytearray(write_blob(example_blob()))
     data[-6] ^= 0xFF  # inside the raw bias payload, just before the 4-byte trailer
     message = assert_rejected(bytes(data))
-    assert message == "corrupt .wl blob: tensor 1 'fc.bias' section 'data' checksum mismatch"
+    assert message == "corrupt .wl blob: tensor 1 'fc.bias': section 'data' checksum mismatch"
     with pytest.raises(BadInputError, match=r"^model\.wl: corrupt"):
         read_blob(bytes(data), source="model.wl")
     assert assert_rejected(b"PK\x03\x04") == "not a .wl blob (bad magic bytes)"
@@ -357,7 +357,8 @@ def test_newer_minor_version_is_read():
 def test_unknown_codec_is_rejected_by_name():
     data = _Spec.blob(_Spec.tensor(codec=b"dpred", sections=[_Spec.stored(b"deltas", b"\x01")]))
     message = assert_rejected(data)
-    assert "unknown codec 'dpred'" in message and "newer weightless" in message
+    assert message.startswith("unsupported .wl blob: tensor 0 'w': unknown codec 'dpred'")
+    assert "newer weightless" in message
 
 
 @pytest.mark.parametrize(
@@ -407,7 +408,9 @@ def test_malformed_records_are_rejected(tensor, expected):
 
 
 def test_duplicate_names_and_unsorted_metadata_are_rejected():
-    assert "duplicate tensor names" in assert_rejected(_Spec.blob(_Spec.tensor(), _Spec.tensor()))
+    assert "tensor 1 'w': duplicate tensor name" in assert_rejected(
+        _Spec.blob(_Spec.tensor(), _Spec.tensor())
+    )
     unsorted = _Spec.blob(metadata=[(b"b", b""), (b"a", b"")])
     assert "metadata keys not in strictly increasing order" in assert_rejected(unsorted)
 
@@ -456,7 +459,7 @@ def test_section_lengths_must_fit_in_the_file():
     cells = (b"cells", 0, b"", 2**62, 2**62)
     past_end = _Spec.tensor(codec=b"bloomier", sections=[cells, _Spec.stored(b"codebook", b"")])
     peak, message = _peak_bytes_while_rejecting(_Spec.blob(past_end))
-    assert "'w' sections run past the end of the file" in message and peak < 1 << 20
+    assert "tensor 0 'w': sections run past the end of the file" in message and peak < 1 << 20
 
 
 def test_counts_are_capped():
@@ -474,7 +477,7 @@ def test_lzma_stream_must_match_its_declared_size_exactly():
     trailing = _Spec.tensor(sections=[(b"data", 1, packed + b"\x00", 8)])
     garbage = _Spec.tensor(sections=[(b"data", 1, b"\xff" * 12, 8)])
     for tensor in (too_short, too_long, trailing, garbage):
-        assert "tensor 0 'w' section 'data' does not decompress" in assert_rejected(_Spec.blob(tensor))
+        assert "tensor 0 'w': section 'data' does not decompress" in assert_rejected(_Spec.blob(tensor))
     assert (
         raw_array(
             read_blob(_Spec.blob(_Spec.tensor(sections=[(b"data", 1, packed, 8)]))).tensors[0]

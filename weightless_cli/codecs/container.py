@@ -16,12 +16,13 @@ or decompressing, so malformed input can only ever raise :class:`~weightless_cli
 
 from __future__ import annotations
 
+import contextlib
 import lzma
 import os
 import re
 import struct
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,6 +97,14 @@ _FIELD_ID = re.compile(r"[a-z_][a-z0-9_]*")
 
 class _Invalid(Exception):
     """A problem found by a check shared by reader and writer; each side words the final message."""
+
+    kind = "corrupt"
+
+
+class _Unsupported(_Invalid):
+    """Well-formed, but uses something (a codec id, a dtype tag) that a newer weightless may know."""
+
+    kind = "unsupported"
 
 
 # --- element types -----------------------------------------------------------------------------------------
@@ -180,7 +189,7 @@ _BLOB_SECTIONS = CodecSpec(("graph",), frozenset({"graph"}), frozenset(), _graph
 def _codec_spec(codec: str) -> CodecSpec:
     spec = CODECS.get(codec)
     if spec is None:
-        raise _Invalid(
+        raise _Unsupported(
             f"unknown codec {codec!r} (this weightless knows {', '.join(sorted(CODECS))}); "
             "it may need a newer weightless"
         )
@@ -447,28 +456,42 @@ def write_blob(blob: Blob) -> bytes:
 _U8, _U16, _U32, _U64, _I64 = (struct.Struct(f) for f in ("<B", "<H", "<I", "<Q", "<q"))
 
 
-class _Cursor:
-    """Bounds-checked reads from ``buf[pos:end]``; optionally records (offset, bytes, label, value) spans."""
+class _Located(_Invalid):
+    """An :class:`_Invalid` whose message already says where (so enclosing contexts leave it alone)."""
 
-    def __init__(self, buf: memoryview, pos: int, end: int, trace: list | None) -> None:
-        self.buf, self.pos, self.end, self.trace = buf, pos, end, trace
+
+class _Cursor:
+    """Bounds-checked reads from ``buf[pos:end]``.
+
+    With a ``trace`` list it also records (offset, bytes, label, value) for every field, labels prefixed
+    by ``context`` (e.g. ``tensor 0 'fc.weight'``), which is what :func:`describe_layout` prints.
+    """
+
+    def __init__(self, buf: memoryview, pos: int, end: int, trace: list | None, context: str = "") -> None:
+        self.buf, self.pos, self.end, self.trace, self.context = buf, pos, end, trace, context
 
     def remaining(self) -> int:
         return self.end - self.pos
+
+    def _record(self, offset: int, raw: bytes, label: str, shown: str) -> None:
+        if self.trace is not None:
+            self.trace.append((offset, raw, f"{self.context} {label}" if self.context else label, shown))
 
     def take(self, size: int, label: str, shown: str | None = None) -> memoryview:
         if size > self.remaining():
             raise _Invalid(f"{label} needs {size} bytes at offset {self.pos}, only {self.remaining()} remain")
         view = self.buf[self.pos : self.pos + size]
-        if self.trace is not None and shown is not None:
-            self.trace.append((self.pos, bytes(view), label, shown))
+        if shown is not None:
+            self._record(self.pos, bytes(view), label, shown)
         self.pos += size
         return view
 
     def number(self, form: struct.Struct, label: str, as_hex: bool = False) -> int:
-        (value,) = form.unpack(self.take(form.size, label, shown=""))
+        offset = self.pos
+        raw = self.take(form.size, label)
+        (value,) = form.unpack(raw)
         if self.trace is not None:
-            self.trace[-1] = (*self.trace[-1][:3], f"0x{value:08x}" if as_hex else str(value))
+            self._record(offset, bytes(raw), label, f"0x{value:08x}" if as_hex else str(value))
         return value
 
     def text(self, length_form: struct.Struct, label: str, ascii_only: bool) -> str:
@@ -478,13 +501,31 @@ class _Cursor:
             text = raw.decode("ascii" if ascii_only else "utf-8")
         except UnicodeDecodeError:
             raise _Invalid(f"{label} is not valid {'ASCII' if ascii_only else 'UTF-8'}") from None
-        if self.trace is not None:
-            self.trace.append((self.pos - size, raw, label, _show(text)))
+        self._record(self.pos - size, raw, label, _show(text))
         return text
 
-    def done(self, label: str) -> None:
+    def done(self) -> None:
         if self.pos != self.end:
-            raise _Invalid(f"{self.end - self.pos} unexpected bytes at the end of {label}")
+            raise _Invalid(f"{self.end - self.pos} unexpected bytes at the end of the record")
+
+
+@contextlib.contextmanager
+def _located(where: str, *cursors: _Cursor) -> Iterator[None]:
+    """Prefix problems found inside with ``where`` (once), and label traced fields with it."""
+    saved = [cursor.context for cursor in cursors]
+    for cursor in cursors:
+        cursor.context = where
+    try:
+        yield
+    except _Located:
+        raise
+    except _Invalid as exc:
+        located = _Located(f"{where}: {exc}")
+        located.kind = exc.kind
+        raise located from None
+    finally:
+        for cursor, context in zip(cursors, saved, strict=True):
+            cursor.context = context
 
 
 @dataclass(frozen=True)
@@ -496,27 +537,27 @@ class _SectionEntry:
     crc: int
 
 
-def _read_record(cur: _Cursor, label: str) -> _Cursor:
+def _read_record(cur: _Cursor) -> _Cursor:
     """Check a record's frame and CRC; return a cursor over its body (whose fields are then parsed)."""
-    body_len = cur.number(_U32, f"{label} body length")
+    body_len = cur.number(_U32, "body length")
     start = cur.pos
-    body = cur.take(body_len, f"{label} body")
-    stored_crc = cur.number(_U32, f"{label} crc32", as_hex=True)
+    body = cur.take(body_len, "body")
+    stored_crc = cur.number(_U32, "crc32", as_hex=True)
     if zlib.crc32(body) != stored_crc:
-        raise _Invalid(f"{label} checksum mismatch")
-    return _Cursor(cur.buf, start, start + body_len, cur.trace)
+        raise _Invalid("checksum mismatch")
+    return _Cursor(cur.buf, start, start + body_len, cur.trace, cur.context)
 
 
-def _read_section_table(body: _Cursor, spec: CodecSpec, label: str) -> list[_SectionEntry]:
-    count = body.number(_U8, f"{label} section count")
+def _read_section_table(body: _Cursor, spec: CodecSpec) -> list[_SectionEntry]:
+    count = body.number(_U8, "section count")
     _check_count("sections", count, MAX_SECTIONS)
     entries: list[_SectionEntry] = []
     for index in range(count):
-        name = body.text(_U8, f"{label} section {index} name", ascii_only=True)
+        name = body.text(_U8, f"section {index} name", ascii_only=True)
         _check_identifier("section name", name, _FIELD_ID)
         if entries and name <= entries[-1].name:
-            raise _Invalid(f"{label} sections not in strictly increasing name order")
-        where = f"{label} section {name!r}"
+            raise _Invalid("sections not in strictly increasing name order")
+        where = f"section {name!r}"
         encoding = body.number(_U8, f"{where} encoding")
         stored_len = body.number(_U64, f"{where} stored length")
         decoded_len = body.number(_U64, f"{where} decoded length")
@@ -528,21 +569,20 @@ def _read_section_table(body: _Cursor, spec: CodecSpec, label: str) -> list[_Sec
 
 
 def _check_encoding(spec: CodecSpec, name: str, encoding: int, stored_len: int, decoded_len: int) -> None:
+    where = f"section {name!r}"
     if encoding == ENCODING_STORED:
         if stored_len != decoded_len:
-            raise _Invalid(
-                f"stored section {name!r} declares {decoded_len} decoded bytes but holds {stored_len}"
-            )
+            raise _Invalid(f"stored {where} declares {decoded_len} decoded bytes but holds {stored_len}")
     elif encoding == ENCODING_LZMA2:
         if name not in spec.compressible:
-            raise _Invalid(f"section {name!r} may not be compressed")
+            raise _Invalid(f"{where} may not be compressed")
         if stored_len == 0:
-            raise _Invalid(f"compressed section {name!r} is empty")
+            raise _Invalid(f"compressed {where} is empty")
     else:
-        raise _Invalid(f"section {name!r} has unknown encoding {encoding}")
+        raise _Invalid(f"{where} has unknown encoding {encoding}")
 
 
-def _decode_lzma(stored: memoryview, decoded_len: int, label: str) -> bytes:
+def _decode_lzma(stored: memoryview, decoded_len: int, where: str) -> bytes:
     # One byte of headroom lets the decoder reach the end marker and shows an over-long stream as such;
     # CPython grows its output buffer as data arrives, so nothing near decoded_len is allocated up front.
     filters = [{"id": lzma.FILTER_LZMA2, "dict_size": _lzma_dict_size(decoded_len)}]
@@ -550,18 +590,18 @@ def _decode_lzma(stored: memoryview, decoded_len: int, label: str) -> bytes:
     try:
         data = decoder.decompress(stored, max_length=decoded_len + 1)
     except lzma.LZMAError as exc:
-        raise _Invalid(f"{label} does not decompress ({exc})") from None
+        raise _Invalid(f"{where} does not decompress ({exc})") from None
     if len(data) != decoded_len or not decoder.eof or decoder.unused_data:
-        raise _Invalid(f"{label} does not decompress to exactly its declared {decoded_len} bytes")
+        raise _Invalid(f"{where} does not decompress to exactly its declared {decoded_len} bytes")
     return data
 
 
-def _read_payloads(cur: _Cursor, entries: list[_SectionEntry], label: str) -> dict[str, bytes]:
+def _read_payloads(cur: _Cursor, entries: list[_SectionEntry]) -> dict[str, bytes]:
     if sum(entry.stored_len for entry in entries) > cur.remaining() - TRAILER_SIZE:
-        raise _Invalid(f"{label} sections run past the end of the file")
+        raise _Invalid("sections run past the end of the file")
     sections: dict[str, bytes] = {}
     for entry in entries:
-        where = f"{label} section {entry.name!r}"
+        where = f"section {entry.name!r}"
         plural = "" if entry.stored_len == 1 else "s"
         shown = f"{_ENCODING_NAMES[entry.encoding]} payload, {entry.stored_len} byte{plural}"
         stored = cur.take(entry.stored_len, where, shown=shown)
@@ -575,7 +615,7 @@ def _read_payloads(cur: _Cursor, entries: list[_SectionEntry], label: str) -> di
 
 
 def _read_preamble(buf: memoryview, trace: list | None) -> int:
-    """Check magic, version and length; return the number of tensors' worth of file left to parse."""
+    """Check magic, preamble CRC, version and length, in that order; return the file length."""
     if len(buf) < len(MAGIC) or bytes(buf[: len(MAGIC)]) != MAGIC:
         raise BadInputError("not a .wl blob (bad magic bytes)")
     if len(buf) < PREAMBLE_SIZE:
@@ -602,15 +642,12 @@ def _read_preamble(buf: memoryview, trace: list | None) -> int:
     return file_length
 
 
-def _read_file_record(cur: _Cursor) -> tuple[int, dict[str, str], bytes]:
-    body = _read_record(cur, "file record")
-    tensor_count = body.number(_U32, "tensor count")
-    _check_count("tensors", tensor_count, MAX_TENSORS)
-    entry_count = body.number(_U16, "metadata entry count")
-    _check_count("metadata entries", entry_count, MAX_METADATA_ENTRIES)
+def _read_metadata(body: _Cursor) -> dict[str, str]:
+    count = body.number(_U16, "metadata entry count")
+    _check_count("metadata entries", count, MAX_METADATA_ENTRIES)
     metadata: dict[str, str] = {}
     previous = b""
-    for index in range(entry_count):
+    for index in range(count):
         key = body.text(_U16, f"metadata {index} key", ascii_only=False)
         value = body.text(_U16, f"metadata {index} value", ascii_only=False)
         encoded = key.encode("utf-8")
@@ -619,50 +656,63 @@ def _read_file_record(cur: _Cursor) -> tuple[int, dict[str, str], bytes]:
             raise _Invalid("metadata keys not in strictly increasing order")
         previous = encoded
         metadata[key] = value
-    entries = _read_section_table(body, _BLOB_SECTIONS, "file record")
-    body.done("the file record")
-    _BLOB_SECTIONS.check_sizes(0, 1, {entry.name: entry.decoded_len for entry in entries})
-    graph = _read_payloads(cur, entries, "file record")["graph"]
+    return metadata
+
+
+def _read_file_record(cur: _Cursor) -> tuple[int, dict[str, str], bytes]:
+    with _located("file record", cur):
+        body = _read_record(cur)
+        tensor_count = body.number(_U32, "tensor count")
+        _check_count("tensors", tensor_count, MAX_TENSORS)
+        metadata = _read_metadata(body)
+        entries = _read_section_table(body, _BLOB_SECTIONS)
+        body.done()
+        _BLOB_SECTIONS.check_sizes(0, 1, {entry.name: entry.decoded_len for entry in entries})
+        graph = _read_payloads(cur, entries)["graph"]
     return tensor_count, metadata, graph
 
 
-def _read_params(body: _Cursor, label: str) -> dict[str, int]:
-    count = body.number(_U8, f"{label} param count")
+def _read_params(body: _Cursor) -> dict[str, int]:
+    count = body.number(_U8, "param count")
     _check_count("params", count, MAX_PARAMS)
     params: dict[str, int] = {}
     for index in range(count):
-        key = body.text(_U8, f"{label} param {index} name", ascii_only=True)
+        key = body.text(_U8, f"param {index} name", ascii_only=True)
         _check_identifier("param name", key, _FIELD_ID)
         if params and key <= list(params)[-1]:
-            raise _Invalid(f"{label} params not in strictly increasing name order")
-        params[key] = body.number(_I64, f"{label} param {key!r}")
+            raise _Invalid("params not in strictly increasing name order")
+        params[key] = body.number(_I64, f"param {key!r}")
     return params
 
 
-def _read_tensor(cur: _Cursor, index: int) -> TensorRecord:
-    label = f"tensor {index}"
-    body = _read_record(cur, label)
-    name = body.text(_U16, f"{label} name", ascii_only=False)
-    _check_name_bytes(name.encode("utf-8"))
-    label = f"tensor {index} {_show(name)}"
-    tag = body.number(_U8, f"{label} dtype tag")
+def _read_tensor_fields(cur: _Cursor, body: _Cursor, name: str) -> TensorRecord:
+    tag = body.number(_U8, "dtype tag")
     if tag not in _DTYPE_BY_TAG:
-        raise _Invalid(f"{label}: unknown dtype tag {tag}")
+        raise _Unsupported(f"unknown dtype tag {tag} (known: {sorted(_DTYPE_BY_TAG)})")
     dtype = _DTYPE_BY_TAG[tag]
-    ndim = body.number(_U8, f"{label} ndim")
+    ndim = body.number(_U8, "ndim")
     _check_count("dimensions", ndim, MAX_NDIM)
-    shape = tuple(body.number(_U64, f"{label} dim {axis}") for axis in range(ndim))
+    shape = tuple(body.number(_U64, f"dim {axis}") for axis in range(ndim))
     n_elements = _check_shape(shape)
-    codec = body.text(_U8, f"{label} codec id", ascii_only=True)
+    codec = body.text(_U8, "codec id", ascii_only=True)
     _check_identifier("codec id", codec, _CODEC_ID)
     spec = _codec_spec(codec)
-    params = _read_params(body, label)
+    params = _read_params(body)
     _check_params(spec, params)
-    entries = _read_section_table(body, spec, label)
-    body.done(label)
+    entries = _read_section_table(body, spec)
+    body.done()
     spec.check_sizes(n_elements, DTYPES[dtype].itemsize, {entry.name: entry.decoded_len for entry in entries})
-    sections = _read_payloads(cur, entries, label)
+    sections = _read_payloads(cur, entries)
     return TensorRecord(name, shape, dtype, codec, params, sections)
+
+
+def _read_tensor(cur: _Cursor, index: int) -> TensorRecord:
+    with _located(f"tensor {index}", cur):
+        body = _read_record(cur)
+        name = body.text(_U16, "name", ascii_only=False)
+        _check_name_bytes(name.encode("utf-8"))
+    with _located(f"tensor {index} {_show(name)}", cur, body):
+        return _read_tensor_fields(cur, body, name)
 
 
 def _parse(buf: memoryview, trace: list | None) -> Blob:
@@ -670,15 +720,18 @@ def _parse(buf: memoryview, trace: list | None) -> Blob:
     cur = _Cursor(buf, PREAMBLE_SIZE, file_length, trace)
     try:
         tensor_count, metadata, graph = _read_file_record(cur)
-        tensors = [_read_tensor(cur, index) for index in range(tensor_count)]
-        names = {record.name for record in tensors}
-        if len(names) != len(tensors):
-            raise _Invalid("duplicate tensor names")
+        tensors: list[TensorRecord] = []
+        seen: set[str] = set()
+        for index in range(tensor_count):
+            tensors.append(_read_tensor(cur, index))
+            if tensors[-1].name in seen:
+                raise _Invalid(f"tensor {index} {_show(tensors[-1].name)}: duplicate tensor name")
+            seen.add(tensors[-1].name)
         if cur.remaining() != TRAILER_SIZE:
             raise _Invalid(f"{cur.remaining() - TRAILER_SIZE} unexpected bytes before the trailer")
         stored_crc = cur.number(_U32, "file crc32", as_hex=True)
     except _Invalid as exc:
-        raise BadInputError(f"corrupt .wl blob: {exc}") from None
+        raise BadInputError(f"{exc.kind} .wl blob: {exc}") from None
     if zlib.crc32(buf[: file_length - TRAILER_SIZE]) != stored_crc:
         raise BadInputError("corrupt .wl blob: file checksum mismatch")
     return Blob(graph, tensors, metadata)
