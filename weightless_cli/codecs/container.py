@@ -248,9 +248,9 @@ def dtype_of(array: np.ndarray) -> str:
     array = np.asarray(array)
     if array.dtype.name == "bfloat16":
         return "bfloat16"
-    for name, info in DTYPES.items():
-        if name != "bfloat16" and array.dtype.kind == "f" and array.dtype.itemsize == info.itemsize:
-            return name
+    floats = {2: "float16", 4: "float32", 8: "float64"}
+    if array.dtype.kind == "f" and array.dtype.itemsize in floats:
+        return floats[array.dtype.itemsize]
     raise ValueError(f"cannot store numpy dtype {array.dtype} (known: {', '.join(sorted(DTYPES))})")
 
 
@@ -379,7 +379,7 @@ def _section_table(spec: CodecSpec, sections: Mapping[str, bytes]) -> tuple[byte
     table = [struct.pack("<B", len(sections))]
     payloads = []
     for name in sorted(sections):
-        decoded = bytes(sections[name])
+        decoded = sections[name]
         encoding, stored = _encode_payload(decoded, name in spec.compressible)
         table += [
             _u8_string(name),
@@ -401,13 +401,14 @@ def _tensor_parts(record: TensorRecord) -> list[bytes]:
     _check_identifier("codec id", record.codec, _CODEC_ID)
     spec = _codec_spec(record.codec)
     _check_params(spec, record.params)
-    _check_section_names(spec, list(record.sections))
-    spec.check_sizes(n_elements, info.itemsize, {k: len(v) for k, v in record.sections.items()})
+    sections = {name: bytes(data) for name, data in record.sections.items()}  # no copy for bytes
+    _check_section_names(spec, list(sections))
+    spec.check_sizes(n_elements, info.itemsize, {name: len(data) for name, data in sections.items()})
     body = [struct.pack("<H", len(name)), name, struct.pack("<BB", info.tag, len(record.shape))]
     body += [struct.pack("<Q", dim) for dim in record.shape]
     body += [_u8_string(record.codec), struct.pack("<B", len(record.params))]
     body += [_u8_string(key) + struct.pack("<q", int(record.params[key])) for key in sorted(record.params)]
-    table, payloads = _section_table(spec, record.sections)
+    table, payloads = _section_table(spec, sections)
     return [_frame(b"".join(body) + table), *payloads]
 
 
@@ -419,8 +420,9 @@ def _file_parts(blob: Blob, metadata: Mapping[str, str]) -> list[bytes]:
     for key, value in entries:
         _check_metadata_entry(key, value)
         body += [struct.pack("<H", len(key)), key, struct.pack("<H", len(value)), value]
-    _BLOB_SECTIONS.check_sizes(0, 1, {"graph": len(blob.graph)})
-    table, payloads = _section_table(_BLOB_SECTIONS, {"graph": blob.graph})
+    graph = bytes(blob.graph)
+    _BLOB_SECTIONS.check_sizes(0, 1, {"graph": len(graph)})
+    table, payloads = _section_table(_BLOB_SECTIONS, {"graph": graph})
     return [_frame(b"".join(body) + table), *payloads]
 
 
