@@ -45,6 +45,7 @@ __all__ = [
     "array_to_bytes",
     "bytes_to_array",
     "describe_layout",
+    "dtype_of",
     "load_blob",
     "raw_array",
     "raw_record",
