@@ -12,6 +12,7 @@ from google.protobuf.message import DecodeError
 
 from weightless_cli.codecs import bloomier
 from weightless_cli.codecs.bitpack import unpack_bits
+from weightless_cli.codecs.clustered import values_from_ids
 from weightless_cli.codecs.container import Blob, TensorRecord, bytes_to_array, load_blob, raw_array
 from weightless_cli.errors import BadInputError
 from weightless_cli.model import OnnxModel
@@ -50,9 +51,7 @@ def decode_record(record: TensorRecord) -> np.ndarray:
         return _as_numpy(raw_array(record), record.dtype)
     if record.codec == "bloomier":
         codebook, ids = bloomier_ids(record)
-        # Index K stands for zero: append it to the codebook so decoding is one gather.
-        lookup = np.concatenate((codebook, np.zeros(1, dtype=codebook.dtype)))
-        return lookup[np.minimum(ids, codebook.size)].reshape(record.shape)
+        return values_from_ids(codebook, ids).reshape(record.shape)
     raise BadInputError(f"tensor {record.name!r}: codec {record.codec!r} cannot be decoded by this version")
 
 

@@ -10,41 +10,18 @@ into a false positive with probability K / 2^t.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
 
 from weightless_cli import __version__
 from weightless_cli.codecs import bloomier
 from weightless_cli.codecs.bitpack import pack_bits
+from weightless_cli.codecs.clustered import sparse_code
 from weightless_cli.codecs.container import Blob, TensorRecord, array_to_bytes, raw_record, save_blob
 from weightless_cli.errors import UsageError
 from weightless_cli.model import OnnxModel, PerTensor, Selection, WeightTensor, model_warnings
 
 MAX_T = 16
 DEFAULT_FP_BITS = 6
-
-
-@dataclass(frozen=True)
-class SparseCode:
-    """A clustered tensor as the filter sees it: where the nonzeros are and which value each has."""
-
-    codebook: np.ndarray  # the K distinct nonzero values, sorted, in the tensor's own dtype
-    positions: np.ndarray  # flat positions of the nonzeros, ascending
-    ids: np.ndarray  # codebook index of each nonzero
-
-    @property
-    def k(self) -> int:
-        return int(self.codebook.size)
-
-
-def sparse_code(values: np.ndarray) -> SparseCode:
-    flat = np.asarray(values).ravel()
-    positions = np.flatnonzero(flat)
-    nonzero = flat[positions]
-    codebook = np.unique(nonzero)
-    return SparseCode(codebook, positions, np.searchsorted(codebook, nonzero).astype(np.uint16))
 
 
 def bits_for_ids(k: int) -> int:
@@ -68,8 +45,7 @@ def expected_false_positives(zeros: int, k: int, t: int) -> float:
 
 def encode_tensor(tensor: WeightTensor, t: int | None, fp_bits: int | None, seed: int) -> tuple[TensorRecord, dict]:
     """The bloomier record of one clustered tensor, and its row of the report."""
-    values = tensor.array()
-    code = sparse_code(values)
+    code = sparse_code(tensor.array())
     if code.k > 2**MAX_T - 1:
         raise UsageError(f"{tensor.name} has {code.k:,} distinct nonzero values: it is not clustered; "
                          "run `weightless quantize` first", tensor.name)
