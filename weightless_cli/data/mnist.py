@@ -143,8 +143,8 @@ def _read_cache(path: Path) -> dict[str, np.ndarray] | None:
 
 
 @functools.lru_cache(maxsize=4)
-def _verified_cache(path: str, mtime_ns: int, size: int) -> dict[str, np.ndarray] | None:
-    """Read and checksum the cache once per process and file version (keyed on mtime and size)."""
+def _verified_cache(path: str, version: tuple[int, ...]) -> dict[str, np.ndarray] | None:
+    """Read and checksum the cache once per process and file version (inode, size, times)."""
     arrays = _read_cache(Path(path))
     if arrays is None or verify_arrays(arrays):
         return None
@@ -158,7 +158,9 @@ def _load_verified(path: Path) -> dict[str, np.ndarray] | None:
         stat = path.stat()
     except FileNotFoundError:
         return None
-    return _verified_cache(str(path), stat.st_mtime_ns, stat.st_size)
+    # The inode changes on every atomic replacement, even within one timestamp tick.
+    version = (stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+    return _verified_cache(str(path), version)
 
 
 def fetch_mnist(
