@@ -1,0 +1,590 @@
+"""Lossy Bloomier-filter retrieval table for sparse quantized weights (Weightless, Reagen et al. 2018).
+
+A table of ``m`` cells of ``t`` bits maps each stored key (a flat weight position) to a
+``t``-bit value: the key's 64-bit hash (:func:`~weightless_cli.codecs.hashing.position_hash`)
+picks three cells and a mask, and the answer is ``cell[h0] ^ cell[h1] ^ cell[h2] ^ mask``
+truncated to ``t`` bits. Positions that were never stored answer a uniformly random value.
+
+Two layouts (the byte-exact definition is ``docs/codecs/bloomier.md``):
+
+* ``LAYOUT_CLASSIC`` (0): three equal blocks, one cell per block (Botelho et al. /
+  xor filters); ~1.23 n cells, wins for small n.
+* ``LAYOUT_FUSE`` (1): ``segment_count`` segments of a power-of-two length; a key's cells lie
+  in three consecutive segments (binary fuse filters, Graf & Lemire 2022); ~1.125 n cells for
+  large n. The encoder builds whichever layout needs fewer cells.
+
+Construction peels the 3-hypergraph in vectorised rounds: every cell holding exactly one
+key frees that key; keys freed in the same round never share a free cell, so a whole round
+is assigned at once, rounds in reverse order. A failed peel retries with ``seed + 1``.
+
+Weightless semantics (:func:`encode_positions` / :func:`decode_ids`): a nonzero position
+stores its codebook index ``0..K-1``; on decode any answer ``>= K`` means "zero weight", so a
+zero position is decoded as nonzero (a false positive) with probability ``K / 2**t``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from weightless_cli.codecs.hashing import position_hash, position_hash_range
+from weightless_cli.errors import BadInputError
+
+LAYOUT_CLASSIC = 0
+LAYOUT_FUSE = 1
+
+MIN_T = 1
+MAX_T = 16
+MAX_SEED = (1 << 32) - 1
+MAX_POSITIONS = 1 << 36  # format limit on a table's key domain (the decoded tensor's size)
+MAX_KEYS = (1 << 32) - 1  # key indices are packed into 34 bits while peeling
+MAX_FUSE_SEGMENT_LENGTH = 1 << 18  # the two in-segment offsets use hash bits [0,18) and [18,36)
+MAX_SPAN = 1 << 32  # cells reachable by the first hash: hi32 * span must fit in 64 bits
+MAX_ATTEMPTS = 64  # seeds tried before giving up; each attempt succeeds with p >~ 0.9
+QUERY_CHUNK = 1 << 15  # positions per chunk: ~1 MiB of uint64 temporaries per thread
+
+PARAM_NAMES = ("t", "seed", "layout", "segment_length", "segment_count", "cells", "n_positions", "keys")
+
+_U64 = np.uint64
+_LOW32 = _U64(0xFFFFFFFF)
+# Peeling keeps, per cell, (number of keys) << _COUNT_SHIFT plus the sum of the keys'
+# codes (key_index * 4 + slot < 2**34). With fewer than 2**14 keys in a cell the sum stays
+# below 2**48, so a cell holding one key reads exactly (1 << 48) | code.
+_COUNT_SHIFT = _U64(48)
+_COUNT_ONE = _U64(1) << _COUNT_SHIFT
+_CODE_MASK = _COUNT_ONE - _U64(1)
+_MAX_CELL_DEGREE = 1 << 14
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a key's three cells may lie: ``cells = segment_count * segment_length``."""
+
+    kind: int
+    segment_length: int
+    segment_count: int
+
+    @property
+    def cells(self) -> int:
+        return self.segment_count * self.segment_length
+
+    @property
+    def span(self) -> int:
+        """Number of possible first cells (``h0`` ranges over ``[0, span)``)."""
+        if self.kind == LAYOUT_FUSE:
+            return (self.segment_count - 2) * self.segment_length
+        return self.segment_length
+
+
+# ----------------------------------------------------------------------------- sizing
+
+
+def classic_layout(n_keys: int) -> Layout:
+    """Three blocks of ``ceil((1.23 n + 32) / 3)`` cells (the measured reliable size)."""
+    block = max(1, -(-(123 * n_keys + 3200) // 300))
+    return Layout(LAYOUT_CLASSIC, block, 3)
+
+
+def fuse_layout(n_keys: int) -> Layout:
+    """Binary fuse layout for ``n_keys``: segment length and size factor from measured tables."""
+    if n_keys < 2:
+        return Layout(LAYOUT_FUSE, 1, 3)
+    bits = n_keys.bit_length()
+    length_log2 = min(18, max(0, _FUSE_LENGTH_LOG2[min(bits, len(_FUSE_LENGTH_LOG2) - 1)]))
+    length = 1 << length_log2
+    permille = _FUSE_PERMILLE[min(bits, len(_FUSE_PERMILLE) - 1)]
+    capacity = -(-n_keys * permille // 1000)
+    total_segments = max(3, -(-capacity // length))
+    return Layout(LAYOUT_FUSE, length, total_segments)
+
+
+# Indexed by n_keys.bit_length() (n in [2**(b-1), 2**b)); provisional, replaced by the
+# sizing study in bench/bench_bloomier.py.
+_FUSE_LENGTH_LOG2 = [0, 0, 1, 2, 3, 3, 4, 4, 5, 5, 6, 7, 7, 8, 8, 9, 10, 10, 11, 11, 12, 13, 13, 14, 15, 15, 16, 17, 17, 18]
+_FUSE_PERMILLE = [3000, 3000, 3000, 3000, 2000, 2000, 1800, 1600, 1500, 1450, 1400, 1350, 1300, 1280, 1250, 1220, 1200, 1180, 1160, 1150, 1140, 1130, 1125, 1125, 1125, 1125, 1125, 1125, 1125, 1125]
+
+
+def choose_layout(n_keys: int) -> Layout:
+    """The layout with fewer cells for ``n_keys`` keys (classic on ties)."""
+    classic = classic_layout(n_keys)
+    fuse = fuse_layout(n_keys)
+    return fuse if fuse.cells < classic.cells else classic
+
+
+# ----------------------------------------------------------------------------- hashing to cells
+
+
+def cell_triples(hashes: np.ndarray, layout: Layout) -> np.ndarray:
+    """The three cell indices of each 64-bit hash, as a ``(3, n)`` int64 array (one row per slot)."""
+    out = np.empty((3, hashes.size), dtype=np.int64)
+    view = out.view(_U64)
+    hi = hashes >> _U64(32)
+    if layout.kind == LAYOUT_FUSE:
+        length = _U64(layout.segment_length)
+        offset_mask = length - _U64(1)
+        first = (hi * _U64(layout.span)) >> _U64(32)
+        view[0] = first
+        view[1] = (first + length) ^ ((hashes >> _U64(18)) & offset_mask)
+        view[2] = (first + _U64(2) * length) ^ (hashes & offset_mask)
+    else:
+        block = _U64(layout.segment_length)
+        view[0] = (hi * block) >> _U64(32)
+        view[1] = block + ((((hashes >> _U64(16)) & _LOW32) * block) >> _U64(32))
+        view[2] = _U64(2) * block + (((hashes & _LOW32) * block) >> _U64(32))
+    return out
+
+
+def hash_masks(hashes: np.ndarray, t: int) -> np.ndarray:
+    """Each key's ``t``-bit mask: the low bits of ``hash ^ (hash >> 32)``."""
+    return ((hashes ^ (hashes >> _U64(32))) & _U64((1 << t) - 1)).astype(_cell_dtype(t))
+
+
+def _cell_dtype(t: int) -> type:
+    return np.uint8 if t <= 8 else np.uint16
+
+
+# ----------------------------------------------------------------------------- the table
+
+
+class BloomierTable:
+    """An immutable retrieval table; build with :func:`build_table` or :meth:`from_params`."""
+
+    def __init__(self, t: int, seed: int, layout: Layout, n_positions: int, keys: int, cells: np.ndarray):
+        self.t = t
+        self.seed = seed
+        self.layout = layout
+        self.n_positions = n_positions
+        self.keys = keys
+        self._cells = np.ascontiguousarray(cells, dtype=_cell_dtype(t))
+        self._cells.setflags(write=False)
+
+    def __repr__(self) -> str:
+        kind = "fuse" if self.layout.kind == LAYOUT_FUSE else "classic"
+        return (
+            f"BloomierTable(t={self.t}, seed={self.seed}, {kind}, cells={self.layout.cells}, "
+            f"keys={self.keys}, n_positions={self.n_positions})"
+        )
+
+    @property
+    def cells(self) -> np.ndarray:
+        """The cell values as ``np.uint16`` (pack them with ``bitpack.pack_bits(cells, t)``)."""
+        return self._cells.astype(np.uint16)
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the packed cells in bytes."""
+        return (self.layout.cells * self.t + 7) // 8
+
+    def to_params(self) -> dict[str, int]:
+        """The table's parameters as small named integers (the cells travel separately)."""
+        return {
+            "t": self.t,
+            "seed": self.seed,
+            "layout": self.layout.kind,
+            "segment_length": self.layout.segment_length,
+            "segment_count": self.layout.segment_count,
+            "cells": self.layout.cells,
+            "n_positions": self.n_positions,
+            "keys": self.keys,
+        }
+
+    @classmethod
+    def from_params(cls, params: dict[str, int], cells: np.ndarray) -> BloomierTable:
+        """Rebuild a table from :meth:`to_params` output and its cells; validates everything.
+
+        Raises :class:`BadInputError` on any missing, extra, out-of-range or inconsistent field.
+        """
+        layout, values = _validate_params(params)
+        cells = np.asarray(cells)
+        if cells.ndim != 1 or cells.size != layout.cells:
+            raise BadInputError(f"Bloomier table has {cells.size} cells, its header says {layout.cells}")
+        if cells.size and not np.issubdtype(cells.dtype, np.integer):
+            raise BadInputError(f"Bloomier cells must be integers, got {cells.dtype}")
+        if cells.size and (int(cells.min()) < 0 or int(cells.max()) >= 1 << values["t"]):
+            raise BadInputError(f"Bloomier cells exceed {values['t']} bits")
+        return cls(values["t"], values["seed"], layout, values["n_positions"], values["keys"], cells)
+
+    # ------------------------------------------------------------------------- queries
+
+    def query(self, keys: np.ndarray, threads: int | None = None) -> np.ndarray:
+        """The ``t``-bit answer for each key (uint8 for t <= 8, else uint16)."""
+        keys = np.asarray(keys)
+        if keys.size and (not np.issubdtype(keys.dtype, np.integer) or int(keys.min()) < 0):
+            raise ValueError("keys must be non-negative integers")
+        flat = keys.ravel()
+        out = np.empty(flat.size, dtype=self._cells.dtype)
+
+        def fill(buffers: _QueryBuffers, start: int, stop: int) -> None:
+            hashes = position_hash(flat[start:stop], self.seed, buffers.hashes[: stop - start], buffers.scratch)
+            self._answer(hashes, out[start:stop], buffers)
+
+        self._run_chunks(flat.size, fill, threads)
+        return out.reshape(keys.shape)
+
+    def query_all(
+        self, n_positions: int | None = None, threads: int | None = None, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Answers for every position ``0 .. n_positions-1`` (default: the table's ``n_positions``).
+
+        Works in :data:`QUERY_CHUNK`-sized pieces, so beyond ``out`` it needs only ~1 MiB
+        of scratch per thread; ``threads`` (default: the usable CPUs, at most 8) share chunks.
+        """
+        count = self.n_positions if n_positions is None else n_positions
+        if not 0 <= count <= MAX_POSITIONS:
+            raise ValueError(f"n_positions must be in [0, {MAX_POSITIONS}], got {count}")
+        if out is None:
+            out = np.empty(count, dtype=self._cells.dtype)
+        elif out.shape != (count,) or out.dtype != self._cells.dtype:
+            raise ValueError(f"out must be a ({count},) {self._cells.dtype} array")
+
+        def fill(buffers: _QueryBuffers, start: int, stop: int) -> None:
+            hashes = position_hash_range(start, stop - start, self.seed, buffers.hashes, buffers.scratch, buffers.ramp)
+            self._answer(hashes, out[start:stop], buffers)
+
+        self._run_chunks(count, fill, threads)
+        return out
+
+    def _answer(self, hashes: np.ndarray, out: np.ndarray, buffers: _QueryBuffers) -> None:
+        """XOR of the three cells and the mask for each hash, written to ``out``."""
+        n = hashes.size
+        first, index, fetched = buffers.first[:n], buffers.index[:n], buffers.fetched[:n]
+        cells = self._cells
+        hi = buffers.scratch[:n]
+        np.right_shift(hashes, _U64(32), out=hi)
+        # The mask first, while the whole hash is still at hand.
+        np.bitwise_xor(hashes, hi, out=index)
+        np.copyto(out, index, casting="unsafe")
+        if self.t not in (8, 16):
+            np.bitwise_and(out, out.dtype.type((1 << self.t) - 1), out=out)
+        layout = self.layout
+        span = _U64(layout.span)
+        np.multiply(hi, span, out=first)
+        np.right_shift(first, _U64(32), out=first)
+        # mode="wrap" skips numpy's buffered bounds check; every index is in range by construction.
+        np.take(cells, first.view(np.int64), out=fetched, mode="wrap")
+        np.bitwise_xor(out, fetched, out=out)
+        if layout.kind == LAYOUT_FUSE:
+            # (first + k*L) ^ x == k*L + (first ^ x) for x < L, so gather from shifted views.
+            length = layout.segment_length
+            offset_mask = _U64(length - 1)
+            np.right_shift(hashes, _U64(18), out=index)
+            np.bitwise_and(index, offset_mask, out=index)
+            np.bitwise_xor(index, first, out=index)
+            np.take(cells[length:], index.view(np.int64), out=fetched, mode="wrap")
+            np.bitwise_xor(out, fetched, out=out)
+            np.bitwise_and(hashes, offset_mask, out=index)
+            np.bitwise_xor(index, first, out=index)
+            np.take(cells[2 * length :], index.view(np.int64), out=fetched, mode="wrap")
+            np.bitwise_xor(out, fetched, out=out)
+        else:
+            block = layout.segment_length
+            for shift, base in ((16, block), (0, 2 * block)):
+                np.right_shift(hashes, _U64(shift), out=index)
+                np.bitwise_and(index, _LOW32, out=index)
+                np.multiply(index, _U64(block), out=index)
+                np.right_shift(index, _U64(32), out=index)
+                np.take(cells[base:], index.view(np.int64), out=fetched, mode="wrap")
+                np.bitwise_xor(out, fetched, out=out)
+
+    def _run_chunks(self, count: int, fill, threads: int | None) -> None:
+        """Call ``fill(buffers, start, stop)`` over ``[0, count)`` in chunks, on ``threads`` threads."""
+        workers = max(1, min(default_threads() if threads is None else threads, -(-count // QUERY_CHUNK)))
+        chunk_starts = itertools.count(0, QUERY_CHUNK)
+        lock = threading.Lock()
+
+        def worker() -> None:
+            buffers = _QueryBuffers(min(QUERY_CHUNK, max(count, 1)), self._cells.dtype)
+            while True:
+                with lock:
+                    start = next(chunk_starts)
+                if start >= count:
+                    return
+                fill(buffers, start, min(start + QUERY_CHUNK, count))
+
+        if workers == 1:
+            worker()
+            return
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for future in [pool.submit(worker) for _ in range(workers)]:
+                future.result()
+
+
+class _QueryBuffers:
+    """Per-thread scratch for one chunk of queries."""
+
+    def __init__(self, size: int, dtype: np.dtype) -> None:
+        self.hashes = np.empty(size, dtype=_U64)
+        self.scratch = np.empty(size, dtype=_U64)
+        self.first = np.empty(size, dtype=_U64)
+        self.index = np.empty(size, dtype=_U64)
+        self.fetched = np.empty(size, dtype=dtype)
+        self.answers = np.empty(size, dtype=dtype)
+        self.ramp = np.arange(size, dtype=_U64)
+
+
+def default_threads() -> int:
+    """Threads used when none are given: the CPUs this process may run on, at most 8."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        usable = os.cpu_count() or 1
+    return max(1, min(8, usable))
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+def _validate_params(params: dict[str, int]) -> tuple[Layout, dict[str, int]]:
+    if not isinstance(params, dict):
+        raise BadInputError("Bloomier parameters must be a mapping")
+    missing = [name for name in PARAM_NAMES if name not in params]
+    extra = sorted(set(params) - set(PARAM_NAMES))
+    if missing or extra:
+        raise BadInputError(f"Bloomier parameters: missing {missing}, unexpected {extra}")
+    values: dict[str, int] = {}
+    for name in PARAM_NAMES:
+        value = params[name]
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise BadInputError(f"Bloomier parameter {name} must be an integer, got {value!r}")
+        values[name] = int(value)
+
+    def require(ok: bool, message: str) -> None:
+        if not ok:
+            raise BadInputError(f"Bloomier parameters: {message}")
+
+    t, kind, length, count = values["t"], values["layout"], values["segment_length"], values["segment_count"]
+    require(MIN_T <= t <= MAX_T, f"t={t} not in [{MIN_T}, {MAX_T}]")
+    require(0 <= values["seed"] <= MAX_SEED, f"seed={values['seed']} not in [0, {MAX_SEED}]")
+    require(kind in (LAYOUT_CLASSIC, LAYOUT_FUSE), f"unknown layout {kind}")
+    require(0 <= values["n_positions"] <= MAX_POSITIONS, f"n_positions={values['n_positions']} out of range")
+    require(0 <= values["keys"] <= min(values["n_positions"], MAX_KEYS), f"keys={values['keys']} out of range")
+    if kind == LAYOUT_FUSE:
+        require(
+            1 <= length <= MAX_FUSE_SEGMENT_LENGTH and length & (length - 1) == 0,
+            f"segment_length={length} is not a power of two <= {MAX_FUSE_SEGMENT_LENGTH}",
+        )
+        require(count >= 3 and (count - 2) * length <= MAX_SPAN, f"segment_count={count} out of range")
+    else:
+        require(1 <= length <= MAX_SPAN, f"segment_length={length} out of range")
+        require(count == 3, f"classic layout needs segment_count=3, got {count}")
+    layout = Layout(kind, length, count)
+    require(values["cells"] == layout.cells, f"cells={values['cells']} but the layout has {layout.cells}")
+    require(layout.cells <= max_cells(values["keys"]), f"{layout.cells} cells is too many for {values['keys']} keys")
+    return layout, values
+
+
+def max_cells(n_keys: int) -> int:
+    """Largest table a reader accepts for ``n_keys`` keys (the encoder stays far below)."""
+    return 2 * n_keys + 1024
+
+
+# ----------------------------------------------------------------------------- construction
+
+
+class BuildError(RuntimeError):
+    """The hypergraph did not peel for any of the :data:`MAX_ATTEMPTS` seeds."""
+
+
+def build_table(
+    keys: np.ndarray, values: np.ndarray, t: int, seed: int = 0, n_positions: int | None = None
+) -> BloomierTable:
+    """A table answering ``values[i]`` (< 2**t) for ``keys[i]`` (distinct, non-negative).
+
+    ``n_positions`` (default ``max(keys) + 1``) is the key domain recorded in the table. The
+    first seed that peels, of ``seed, seed+1, ...``, is used and recorded.
+    """
+    keys, values = _check_build_inputs(keys, values, t, seed)
+    if n_positions is None:
+        n_positions = int(keys.max()) + 1 if keys.size else 0
+    if not 0 <= n_positions <= MAX_POSITIONS or (keys.size and int(keys.max()) >= n_positions):
+        raise ValueError(f"keys must lie in [0, n_positions) with n_positions <= {MAX_POSITIONS}")
+    layout = choose_layout(keys.size)
+    for attempt in range(MAX_ATTEMPTS):
+        attempt_seed = seed + attempt
+        if attempt_seed > MAX_SEED:
+            break
+        hashes = position_hash(keys, attempt_seed)
+        cells = _build_cells(hashes, values, t, layout)
+        if cells is not None:
+            return BloomierTable(t, attempt_seed, layout, n_positions, keys.size, cells)
+        if attempt == 0 and np.unique(keys).size != keys.size:
+            raise ValueError("keys must be distinct")
+    raise BuildError(f"no seed in [{seed}, {seed + MAX_ATTEMPTS}) built a table for {keys.size} keys")
+
+
+def _check_build_inputs(keys: np.ndarray, values: np.ndarray, t: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    if not isinstance(t, (int, np.integer)) or not MIN_T <= t <= MAX_T:
+        raise ValueError(f"t must be an integer in [{MIN_T}, {MAX_T}], got {t!r}")
+    if not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be an integer in [0, {MAX_SEED}], got {seed!r}")
+    keys = np.asarray(keys)
+    values = np.asarray(values)
+    if keys.ndim != 1 or values.shape != keys.shape:
+        raise ValueError("keys and values must be 1-D arrays of the same length")
+    if keys.size > MAX_KEYS:
+        raise ValueError(f"at most {MAX_KEYS} keys")
+    for name, array, limit in (("keys", keys, None), ("values", values, 1 << t)):
+        if array.size == 0:
+            continue
+        if not np.issubdtype(array.dtype, np.integer):
+            raise ValueError(f"{name} must be integers, got {array.dtype}")
+        if int(array.min()) < 0 or (limit is not None and int(array.max()) >= limit):
+            raise ValueError(f"{name} out of range")
+    return keys, values
+
+
+def _build_cells(hashes: np.ndarray, values: np.ndarray, t: int, layout: Layout) -> np.ndarray | None:
+    """Peel and assign; ``None`` when this seed's hypergraph does not peel."""
+    hashes, values = _sort_by_first_cell(hashes, values)
+    triples = cell_triples(hashes, layout)
+    rounds = _peel(triples, layout.cells)
+    if rounds is None:
+        return None
+    stored = values.astype(_cell_dtype(t)) ^ hash_masks(hashes, t)
+    return _assign(triples, stored, rounds, layout.cells, t)
+
+
+def _sort_by_first_cell(hashes: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Reorder keys by the high hash word (which orders their first cell).
+
+    Peeling sweeps the cells from both ends of the fuse layout inwards; with keys in cell
+    order, each round touches a narrow band of the key arrays instead of random rows,
+    which halves the build time. Sorting (hi32, index) words is one fast integer sort.
+    """
+    tagged = (hashes & ~_LOW32) | np.arange(hashes.size, dtype=_U64)
+    tagged.sort()
+    order = (tagged & _LOW32).view(np.int64)
+    return hashes[order], values[order]
+
+
+def _peel(triples: np.ndarray, n_cells: int) -> list[np.ndarray] | None:
+    """Peel in rounds; return each round's ``key_index * 4 + free_slot`` codes, or ``None``.
+
+    ``acc[c]`` holds (keys in cell c) << 48 plus the sum of their codes, so a cell with one
+    key reads ``(1 << 48) | code`` and names that key and the slot it is free in.
+    """
+    n = triples.shape[1]
+    acc = np.zeros(n_cells, dtype=_U64)
+    codes = (np.arange(n, dtype=_U64) << _U64(2)) | _COUNT_ONE
+    for slot in range(3):
+        np.add.at(acc, triples[slot], codes + _U64(slot))
+    if n and int((acc >> _COUNT_SHIFT).max()) >= _MAX_CELL_DEGREE:
+        return None  # a cell this crowded would overflow the code sums; try another seed
+    alone_codes = acc[(acc >> _COUNT_SHIFT) == _U64(1)]
+    slot_removal = (np.arange(3, dtype=_U64) | _COUNT_ONE)[:, None]
+    rounds: list[np.ndarray] = []
+    peeled = 0
+    while alone_codes.size:
+        # One entry per key: a key alone in two cells appears twice; keep its lowest slot.
+        alone_codes &= _CODE_MASK
+        alone_codes.sort()
+        key_of = alone_codes >> _U64(2)
+        first = np.empty(key_of.size, dtype=bool)
+        first[0] = True
+        np.not_equal(key_of[1:], key_of[:-1], out=first[1:])
+        codes_now = alone_codes[first]
+        rounds.append(codes_now)
+        peeled += codes_now.size
+        touched = np.take(triples, key_of[first].view(np.int64), axis=1, mode="wrap").reshape(-1)
+        np.subtract.at(acc, touched, ((codes_now & ~_U64(3)) + slot_removal).reshape(-1))
+        touched_acc = acc[touched]
+        alone_codes = touched_acc[(touched_acc >> _COUNT_SHIFT) == _U64(1)]
+    return rounds if peeled == n else None
+
+
+def _assign(triples: np.ndarray, stored: np.ndarray, rounds: list[np.ndarray], n_cells: int, t: int) -> np.ndarray:
+    """Fill cells so every key answers its value; later-peeled keys go first."""
+    cells = np.zeros(n_cells, dtype=_cell_dtype(t))
+    for codes_now in reversed(rounds):
+        keys_now = (codes_now >> _U64(2)).view(np.int64)
+        cells_now = np.take(triples, keys_now, axis=1, mode="wrap")
+        got = cells[cells_now]
+        # The free cell is still zero, so XOR-ing all three cells equals XOR-ing the other two.
+        value = np.take(stored, keys_now, mode="wrap")
+        value ^= got[0]
+        value ^= got[1]
+        value ^= got[2]
+        free_at = (codes_now & _U64(3)).view(np.int64) * keys_now.size
+        free_at += np.arange(keys_now.size)
+        cells[cells_now.reshape(-1)[free_at]] = value
+    return cells
+
+
+# ----------------------------------------------------------------------------- Weightless semantics
+
+
+def encode_positions(
+    positions: np.ndarray, ids: np.ndarray, n_positions: int, t: int, seed: int = 0
+) -> BloomierTable:
+    """Store codebook index ``ids[i]`` for nonzero weight ``positions[i]`` of an ``n_positions`` tensor.
+
+    ``ids`` must be < K for the codebook size K <= 2**t - 1 the decoder will use; answers
+    ``>= K`` then mean zero.
+    """
+    positions = np.asarray(positions)
+    ids = np.asarray(ids)
+    if ids.size and int(ids.max()) >= (1 << t) - 1:
+        raise ValueError(f"codebook indices must be < 2**t - 1 = {(1 << t) - 1} so one value is left for zero")
+    # build_table checks the rest (distinct, in range) and reports duplicates by name.
+    return build_table(positions, ids, t, seed, n_positions=n_positions)
+
+
+def decode_ids(table: BloomierTable, n_positions: int, k: int, threads: int | None = None) -> np.ndarray:
+    """Codebook index per position, with ``k`` (the codebook size) standing for zero.
+
+    Returns uint8 (t <= 8) or uint16; look weights up as ``np.append(codebook, 0)[ids]``,
+    or use :func:`decode_values` to skip the index array.
+    """
+    _check_decode(table, n_positions, k)
+    ids = table.query_all(n_positions, threads)
+    np.minimum(ids, ids.dtype.type(k), out=ids)
+    return ids
+
+
+def decode_values(
+    table: BloomierTable,
+    n_positions: int,
+    codebook: np.ndarray,
+    threads: int | None = None,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """The dense weights: ``codebook[id]`` per position, 0 where the answer is ``>= len(codebook)``.
+
+    Streams chunk by chunk into ``out`` (default: a new array of ``codebook.dtype``), so no
+    index array of the tensor's size is ever made.
+    """
+    codebook = np.asarray(codebook).ravel()
+    k = codebook.size
+    _check_decode(table, n_positions, k)
+    lookup = np.zeros(1 << table.t, dtype=codebook.dtype)  # every answer >= k reads 0
+    lookup[:k] = codebook
+    if out is None:
+        out = np.empty(n_positions, dtype=codebook.dtype)
+    elif out.shape != (n_positions,) or out.dtype != codebook.dtype:
+        raise ValueError(f"out must be a ({n_positions},) {codebook.dtype} array")
+
+    def fill(buffers: _QueryBuffers, start: int, stop: int) -> None:
+        hashes = position_hash_range(start, stop - start, table.seed, buffers.hashes, buffers.scratch, buffers.ramp)
+        answers = buffers.answers[: stop - start]
+        table._answer(hashes, answers, buffers)
+        np.take(lookup, answers, out=out[start:stop], mode="wrap")
+
+    table._run_chunks(n_positions, fill, threads)
+    return out
+
+
+def _check_decode(table: BloomierTable, n_positions: int, k: int) -> None:
+    if n_positions != table.n_positions:
+        raise BadInputError(f"Bloomier table covers {table.n_positions} positions, the tensor has {n_positions}")
+    if not 0 <= k <= (1 << table.t) - 1:
+        raise BadInputError(f"codebook of {k} entries does not fit a {table.t}-bit table (max {(1 << table.t) - 1})")
+
+
+def expected_false_positives(n_zero: int, k: int, t: int) -> float:
+    """Expected zero positions decoded as nonzero: each answers one of the ``k`` ids w.p. ``k / 2**t``."""
+    return n_zero * k / float(1 << t)
