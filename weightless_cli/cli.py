@@ -300,6 +300,139 @@ def verify(blob: Path, reference: Path | None, as_json: bool, quiet: bool) -> No
         raise CheckFailedError(f"verification failed for {', '.join(failed)}", blob)
 
 
+def eval_options(command: Callable) -> Callable:
+    """The options `eval` and `decode-and-eval` share."""
+    command = click.option("--batch-size", type=click.IntRange(min=1), default=1000, show_default=True,
+                           help="Samples per onnxruntime call.")(command)
+    command = click.option("--limit", type=click.IntRange(min=1), help="Use only the first N samples.")(command)
+    command = click.option("--max-drop", type=click.FloatRange(min=0), metavar="PP",
+                           help="Exit 1 when accuracy is more than PP percentage points below the "
+                                "reference's (the CI gate).")(command)
+    command = click.option("--reference", type=click.Path(path_type=Path),
+                           help="Compare with this model: top-1 agreement, logit differences.")(command)
+    return click.option("--data", "data_spec", required=True, metavar="SPEC",
+                        help="mnist, mnist:train, mnist:test, an .npz with x (and y), or a test_data_set_* "
+                             "folder.")(command)
+
+
+def _evaluate_and_report(model_source: object, model_name: str, data_spec: str, reference: Path | None,
+                         max_drop: float | None, limit: int | None, batch_size: int, reporter: Reporter,
+                         extra: dict | None = None) -> None:
+    from weightless_cli.data.datasets import load_dataset
+    from weightless_cli.stages.evaluate import evaluate, gate, gate_passes, model_input_shape
+
+    dataset = load_dataset(data_spec, model_input_shape(model_source), limit)
+    measured = evaluate(model_source, dataset, reference, batch_size)
+    result = measured.to_dict()
+    lines = [f"{model_name} on {result['dataset']} ({result['samples']:,} samples)"]
+    if result["accuracy"] is not None:
+        lines.append(f"  accuracy {100 * result['accuracy']:.2f}%   error {100 * result['error']:.2f}%")
+    if result["agreement"] is not None:
+        if result["reference_accuracy"] is not None:
+            lines.append(f"  reference accuracy {100 * result['reference_accuracy']:.2f}%   "
+                         f"drop {result['accuracy_drop_pp']:+.2f} pp")
+        lines.append(f"  top-1 agreement {100 * result['agreement']:.2f}%   logit |diff| max "
+                     f"{result['max_abs_logit_diff']:.4g} mean {result['mean_abs_logit_diff']:.4g}")
+    reporter.info("\n".join(lines))
+    payload = {"model": model_name, **(extra or {}), **result}
+    if max_drop is None:
+        reporter.result(payload)
+        return
+    passed = gate_passes(measured, max_drop)
+    reporter.result({**payload, "gate": {"max_drop_pp": max_drop, "passed": passed}})
+    gate(measured, max_drop)  # raises CheckFailedError (exit 1) when it does not pass
+    reporter.info(f"  gate passed (allowed drop {max_drop:g} pp)")
+
+
+@cli.command("eval")
+@model_argument()
+@eval_options
+@output_options
+def eval_command(model: Path, data_spec: str, reference: Path | None, max_drop: float | None, limit: int | None,
+                 batch_size: int, as_json: bool, quiet: bool) -> None:
+    """Measure MODEL's top-1 accuracy with onnxruntime.
+
+    With --reference, also top-1 agreement and logit differences against another model;
+    with --max-drop, exit 1 when accuracy falls more than PP points below the reference.
+    On unlabelled data only agreement is measured.
+
+    \b
+    Examples:
+      weightless eval sample_models/lenet5.onnx --data mnist
+      weightless eval lenet5.quant.onnx --data mnist --reference sample_models/lenet5.onnx --max-drop 0.5
+    """
+    _evaluate_and_report(model, str(model), data_spec, reference, max_drop, limit, batch_size,
+                         Reporter(as_json, quiet))
+
+
+@cli.command("decode-and-eval")
+@click.argument("blob", type=click.Path(path_type=Path))
+@eval_options
+@output_options
+def decode_and_eval(blob: Path, data_spec: str, reference: Path | None, max_drop: float | None, limit: int | None,
+                    batch_size: int, as_json: bool, quiet: bool) -> None:
+    """Decode BLOB in memory and measure it exactly like `eval` (false positives included).
+
+    \b
+    Example:
+      weightless decode-and-eval lenet.wl --data mnist --reference sample_models/lenet-300-100.onnx --max-drop 0.3
+    """
+    from weightless_cli.codecs.container import load_blob
+    from weightless_cli.stages.decode import decode_blob
+
+    decoded = decode_blob(load_blob(blob), blob)
+    _evaluate_and_report(decoded.proto.SerializeToString(), str(blob), data_spec, reference, max_drop, limit,
+                         batch_size, Reporter(as_json, quiet), {"blob_bytes": blob.stat().st_size})
+
+
+@cli.command()
+@model_argument()
+@writer_options
+@click.option("--data", "data_spec", required=True, metavar="SPEC",
+              help="Training data: mnist:train, an .npz with x (and y), or a test_data_set_* folder.")
+@click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
+              help="Learning rate (Adam).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--freeze", multiple=True, metavar="GLOB", help="Keep these tensors bit-exact (repeatable).")
+@click.option("--teacher", type=click.Path(path_type=Path),
+              help="Distil from this model's logits (required when the data has no labels).")
+@click.option("--unshare", is_flag=True, help="Train clustered tensors per weight instead of per shared value.")
+@click.option("--limit", type=click.IntRange(min=1), help="Use only the first N samples.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@output_options
+def retrain(model: Path, output: Path, force: bool, data_spec: str, epochs: int, lr: float, batch_size: int,
+            freeze: tuple[str, ...], teacher: Path | None, unshare: bool, limit: int | None, seed: int,
+            as_json: bool, quiet: bool) -> None:
+    """Fine-tune MODEL's float weights with PyTorch and write them into the same graph.
+
+    Ops, opset and names are untouched. Pruned weights stay exactly zero; a tensor that
+    holds K shared values keeps exactly K values (centroids trained with gradients summed
+    per cluster, as in Deep Compression) unless --unshare; --freeze tensors stay bit-exact.
+    Loss: cross-entropy on labels, distillation with --teacher (both when both are there).
+    Needs the `train` extra (torch).
+
+    \b
+    Examples:
+      weightless retrain lenet.quant.onnx --data mnist:train -o lenet.retrained.onnx --epochs 2
+      weightless retrain m.onnx --data unlabelled.npz --teacher original.onnx -o m.tuned.onnx
+    """
+    from weightless_cli.stages.retrain import TrainSettings, retrain_file
+
+    target = check_writable(output, force)
+    reporter = Reporter(as_json, quiet)
+    settings = TrainSettings(epochs, lr, batch_size, seed, unshare)
+    with reporter.progress("retraining", None) as advance:
+        result = retrain_file(model, target, data_spec, freeze, settings, teacher, limit,
+                              progress=lambda done, total, loss: advance(1))
+    _report_warnings(reporter, result)
+    losses = ", ".join(f"{loss:.4f}" for loss in result["epoch_losses"])
+    reporter.info(f"retrained {len(result['trainable'])} tensor(s) on {result['samples']:,} samples of "
+                  f"{result['data']} ({result['loss']}); frozen: {len(result['frozen'])}; loss per epoch: {losses}")
+    reporter.info(f"wrote {target}")
+    reporter.result(result)
+
+
 @cli.group()
 def data() -> None:
     """Datasets for evaluation and retraining (cached under $WEIGHTLESS_DATA, default ~/.cache/weightless)."""
