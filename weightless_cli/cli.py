@@ -433,6 +433,58 @@ def retrain(model: Path, output: Path, force: bool, data_spec: str, epochs: int,
     reporter.result(result)
 
 
+@cli.command()
+@model_argument()
+@writer_options
+@click.option("--data", "data_spec", required=True, metavar="SPEC",
+              help="mnist (train on mnist:train, measure on mnist:test), or training data (.npz, "
+                   "test_data_set_* folder) with --eval-data.")
+@click.option("--eval-data", "eval_spec", metavar="SPEC", help="Data to measure accuracy on after every step.")
+@click.option("--eval-limit", type=click.IntRange(min=1), help="Measure on the first N samples only.")
+@click.option("--recipe", type=click.Path(path_type=Path),
+              help="TOML recipe: per-layer sparsity, clusters, t or fp_bits, and epochs (see recipes/).")
+@selection_options
+@output_options
+def compress(model: Path, output: Path, force: bool, data_spec: str, eval_spec: str | None, eval_limit: int | None,
+             recipe: Path | None, layers: tuple[str, ...], exclude: tuple[str, ...], min_params: int,
+             as_json: bool, quiet: bool) -> None:
+    """The Weightless loop: prune, cluster, encode and retrain MODEL layer by layer.
+
+    For each layer in order: gradual magnitude pruning with retraining between steps,
+    k-means, centroid retraining, Bloomier encoding, replacing the layer by its decoded
+    weights (false positives included), freezing it, retraining the later layers. Then the
+    blob is written and measured. Accuracy and size are reported after every step.
+    Without --recipe every selected tensor gets 90 % sparsity, 8 clusters, fp_bits 6.
+
+    \b
+    Example:
+      weightless compress sample_models/lenet-300-100.onnx --data mnist \\
+          --recipe recipes/lenet-300-100.toml -o lenet.wl
+    """
+    from weightless_cli.stages.compress import compress_file, default_recipe, load_recipe
+
+    target = check_writable(output, force)
+    plan = load_recipe(recipe) if recipe else default_recipe(OnnxModel.load(model), Selection(layers, exclude,
+                                                                                               min_params))
+    if eval_spec is None:
+        eval_spec = "mnist:test" if data_spec == "mnist" else data_spec
+    train_spec = "mnist:train" if data_spec == "mnist" else data_spec
+    reporter = Reporter(as_json, quiet)
+
+    def log(row: dict) -> None:
+        where = f"{row['layer']}: " if row["layer"] else ""
+        accuracy = "-" if row["accuracy"] is None else f"{100 * row['accuracy']:.2f}%"
+        reporter.info(f"[{row['seconds']:>7.1f}s] {where}{row['step']:<42} accuracy {accuracy:>7}   "
+                      f"weights {fmt_bytes(row['weights_bytes'])}")
+
+    result = compress_file(model, target, train_spec, eval_spec, plan, log, eval_limit)
+    file = result["file"]
+    reporter.info(f"blob {target}: {fmt_bytes(file['blob_bytes'])}, {file['ratio']:.1f}x smaller than {model}; "
+                  f"test error {100 * result['error_before']:.2f}% → {100 * result['error_after']:.2f}% "
+                  f"(measured on the decoded blob)")
+    reporter.result(result)
+
+
 @cli.group()
 def data() -> None:
     """Datasets for evaluation and retraining (cached under $WEIGHTLESS_DATA, default ~/.cache/weightless)."""

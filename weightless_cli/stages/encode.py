@@ -70,20 +70,21 @@ def _record_bytes(record: TensorRecord) -> int:
     return sum(len(section) for section in record.sections.values())
 
 
-def encode_model(model: OnnxModel, tensors: list[WeightTensor], t: PerTensor, fp_bits: PerTensor,
-                 seed: int = 0) -> tuple[Blob, list[dict]]:
-    """Encode ``tensors`` with the filter and every other float weight losslessly.
+EncodedTensor = tuple[TensorRecord, dict]  # the record and its row of the report
+
+
+def assemble_blob(model: OnnxModel, encoded: dict[str, EncodedTensor], seed: int = 0) -> tuple[Blob, list[dict]]:
+    """A blob of ``model`` holding the ``encoded`` records and every other float weight losslessly.
 
     The model's graph is kept with the values of all those tensors removed (name, dtype
     and shape stay, so the decoder can put them back). ``model`` is changed in place.
     """
-    chosen = {tensor.name for tensor in tensors}
     records, rows = [], []
     for tensor in model.weights:
         if tensor.quantized:
             continue  # stays in the graph untouched
-        if tensor.name in chosen:
-            record, row = encode_tensor(tensor, t.for_name(tensor.name), fp_bits.for_name(tensor.name), seed)
+        if tensor.name in encoded:
+            record, row = encoded[tensor.name]
         else:
             record = raw_record(tensor.name, tensor.array(), tensor.dtype)
             row = {"name": tensor.name, "codec": "raw", "params": tensor.params, "original_bytes": tensor.nbytes,
@@ -95,6 +96,24 @@ def encode_model(model: OnnxModel, tensors: list[WeightTensor], t: PerTensor, fp
     return Blob(model.proto.SerializeToString(), records, metadata), rows
 
 
+def encode_model(model: OnnxModel, tensors: list[WeightTensor], t: PerTensor, fp_bits: PerTensor,
+                 seed: int = 0) -> tuple[Blob, list[dict]]:
+    """Encode ``tensors`` with the filter and every other float weight losslessly (see assemble_blob)."""
+    encoded = {tensor.name: encode_tensor(tensor, t.for_name(tensor.name), fp_bits.for_name(tensor.name), seed)
+               for tensor in tensors}
+    return assemble_blob(model, encoded, seed)
+
+
+def file_summary(source_bytes: int, blob_bytes: int, rows: list[dict]) -> dict:
+    """Whole-file sizes and ratios, and the ratio for the encoded weights alone."""
+    encoded = [r for r in rows if r["codec"] != "raw"]
+    before = sum(r["original_bytes"] for r in encoded)
+    after = sum(r["encoded_bytes"] for r in encoded)
+    return {"input_bytes": source_bytes, "blob_bytes": blob_bytes, "ratio": source_bytes / blob_bytes,
+            "encoded_weight_bytes_before": before, "encoded_weight_bytes_after": after,
+            "weights_ratio": before / after if after else None}
+
+
 def encode_file(source: Path, target: Path, selection: Selection, t: PerTensor, fp_bits: PerTensor,
                 seed: int = 0) -> dict:
     """Encode the ONNX file ``source`` into the blob ``target``; return the report."""
@@ -103,12 +122,5 @@ def encode_file(source: Path, target: Path, selection: Selection, t: PerTensor, 
     tensors = selection.apply(model)
     blob, rows = encode_model(model, tensors, t, fp_bits, seed)
     blob_bytes = save_blob(target, blob)
-    encoded = [r for r in rows if r["codec"] != "raw"]
-    weights_before = sum(r["original_bytes"] for r in encoded)
-    weights_after = sum(r["encoded_bytes"] for r in encoded)
-    return {
-        "input": str(source), "output": str(target), "warnings": model_warnings(model), "tensors": rows,
-        "file": {"input_bytes": source_bytes, "blob_bytes": blob_bytes, "ratio": source_bytes / blob_bytes,
-                 "encoded_weight_bytes_before": weights_before, "encoded_weight_bytes_after": weights_after,
-                 "weights_ratio": weights_before / weights_after if weights_after else None},
-    }
+    return {"input": str(source), "output": str(target), "warnings": model_warnings(model), "tensors": rows,
+            "file": file_summary(source_bytes, blob_bytes, rows)}

@@ -35,18 +35,24 @@ def trainable_names(model: OnnxModel, freeze: tuple[str, ...]) -> tuple[list[str
     return [name for name in names if name not in frozen], frozen
 
 
+def teacher_logits(teacher: OnnxModel, x: np.ndarray) -> np.ndarray:
+    """The teacher's logits on ``x`` (pre-softmax, as the distillation loss reads them)."""
+    from weightless_cli.train.retrain import compute_logits
+
+    return compute_logits(teacher.proto, x)
+
+
 def retrain_model(model: OnnxModel, x: np.ndarray, y: np.ndarray | None, freeze: tuple[str, ...],
-                  settings: TrainSettings, teacher: OnnxModel | None = None,
+                  settings: TrainSettings, teacher_logits: np.ndarray | None = None,
                   progress: Callable[[int, int, float], None] | None = None) -> dict:
-    """Retrain ``model`` in place on (x, y); distil from ``teacher`` when given or when y is None."""
-    from weightless_cli.train.retrain import compute_logits, retrain
+    """Retrain ``model`` in place on (x, y); distil from ``teacher_logits`` when given (required when y is None)."""
+    from weightless_cli.train.retrain import retrain
 
     trainable, frozen = trainable_names(model, freeze)
     if not trainable:
         raise UsageError("every tensor is frozen; nothing to retrain", model.path)
-    if y is None and teacher is None:
+    if y is None and teacher_logits is None:
         raise UsageError("the data has no labels: give --teacher MODEL to distil from", model.path)
-    teacher_logits = None if teacher is None else compute_logits(teacher.proto, x)
     result = retrain(model.proto, x, y, trainable=trainable, frozen=frozen, teacher_logits=teacher_logits,
                      epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size, seed=settings.seed,
                      unshare=settings.unshare, progress=progress)
@@ -62,7 +68,8 @@ def retrain_file(source: Path, target: Path, data_spec: str, freeze: tuple[str, 
     model = OnnxModel.load(source)
     teacher = None if teacher_path is None else OnnxModel.load(teacher_path)
     dataset = load_dataset(data_spec, model_input_shape(source), limit)
-    report = retrain_model(model, dataset.x, dataset.y, freeze, settings, teacher, progress)
+    logits = None if teacher is None else teacher_logits(teacher, dataset.x)
+    report = retrain_model(model, dataset.x, dataset.y, freeze, settings, logits, progress)
     model.save(target)
     return {"input": str(source), "output": str(target), "data": dataset.name, "samples": len(dataset),
             "loss": "distillation" if dataset.y is None else ("cross-entropy + distillation" if teacher else

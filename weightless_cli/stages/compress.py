@@ -1,0 +1,218 @@
+"""The Weightless loop (Reagen et al. 2018, §4): compress layer by layer, retraining around the errors.
+
+For each layer of the recipe, in order:
+
+1. gradual magnitude pruning to its target sparsity, retraining between steps
+   (the cubic schedule of Zhu & Gupta 2017: most weights go early, the last few gently);
+2. k-means weight sharing to K values, then retraining of the centroids;
+3. encoding, and replacing the layer by its *decoded* weights — the filter's false
+   positives included — so that the network learns to live with them;
+4. freezing the layer, and retraining the layers that are not yet frozen.
+
+Then the blob is written from the records made in step 3 (later retraining never
+touches a frozen layer, so those records stay exact). Accuracy and size are measured
+after every step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+
+from weightless_cli.codecs.container import save_blob
+from weightless_cli.data.datasets import Dataset, load_dataset
+from weightless_cli.errors import BadInputError, UsageError
+from weightless_cli.fileio import read_input_bytes
+from weightless_cli.model import OnnxModel, Selection
+from weightless_cli.stages.decode import decode_blob, decode_record
+from weightless_cli.stages.encode import EncodedTensor, assemble_blob, encode_tensor, file_summary
+from weightless_cli.stages.evaluate import evaluate, model_input_shape
+from weightless_cli.stages.prune import prune_array, sparsity_of
+from weightless_cli.stages.quantize import quantize_array
+from weightless_cli.stages.retrain import TrainSettings, retrain_model, teacher_logits
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """How to compress one tensor."""
+
+    name: str
+    sparsity: float
+    clusters: int
+    t: int | None = None
+    fp_bits: int | None = 6
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that decides a compress run, so that a run can be repeated exactly."""
+
+    layers: tuple[LayerPlan, ...]
+    prune_steps: int = 3
+    prune_epochs: int = 1
+    centroid_epochs: int = 1
+    retrain_epochs: int = 1
+    final_epochs: int = 0
+    lr: float = 1e-3
+    batch_size: int = 128
+    train_limit: int | None = None
+    distill: bool = True
+    seed: int = 0
+    description: str = ""
+    _source: str = field(default="", compare=False)
+
+
+def _typed(cls: type, table: dict, where: str) -> dict:
+    known = {f.name: f for f in fields(cls) if not f.name.startswith("_") and f.name != "layers"}
+    unknown = sorted(set(table) - set(known))
+    if unknown:
+        raise UsageError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return dict(table)
+
+
+def load_recipe(path: Path) -> Recipe:
+    """Read a TOML recipe: top-level settings and one ``[[layer]]`` table per tensor, in order."""
+    try:
+        document = tomllib.loads(read_input_bytes(path).decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise BadInputError(f"not a valid TOML recipe: {exc}", path) from None
+    layer_tables = document.pop("layer", [])
+    if not isinstance(layer_tables, list) or not layer_tables:
+        raise BadInputError("a recipe needs at least one [[layer]] table", path)
+    try:
+        layers = tuple(LayerPlan(**_layer_keys(table, path)) for table in layer_tables)
+        recipe = Recipe(layers=layers, **_typed(Recipe, document, str(path)), _source=str(path))
+    except TypeError as exc:
+        raise BadInputError(f"bad recipe: {exc}", path) from None
+    check_recipe(recipe, path)
+    return recipe
+
+
+def _layer_keys(table: dict, path: Path) -> dict:
+    known = {f.name for f in fields(LayerPlan)}
+    unknown = sorted(set(table) - known)
+    if unknown or "name" not in table:
+        raise BadInputError(f"[[layer]] {table.get('name', '?')}: needs name, sparsity, clusters; "
+                            f"unknown key(s): {', '.join(unknown) or 'none'}", path)
+    if "t" in table and "fp_bits" not in table:
+        table = {**table, "fp_bits": None}
+    return table
+
+
+def check_recipe(recipe: Recipe, where: object) -> None:
+    for plan in recipe.layers:
+        if not 0 <= plan.sparsity < 1:
+            raise UsageError(f"layer {plan.name}: sparsity {plan.sparsity} is outside [0, 1)", where)
+        if not 1 <= plan.clusters <= 65535:
+            raise UsageError(f"layer {plan.name}: clusters {plan.clusters} is outside 1..65535", where)
+    if recipe.prune_steps < 1 or min(recipe.prune_epochs, recipe.centroid_epochs, recipe.retrain_epochs,
+                                     recipe.final_epochs) < 0:
+        raise UsageError("prune_steps must be ≥ 1 and epochs ≥ 0", where)
+
+
+def default_recipe(model: OnnxModel, selection: Selection) -> Recipe:
+    """Without a recipe: every selected tensor at 90 % sparsity, 8 clusters, t = 3 + 6 bits."""
+    return Recipe(layers=tuple(LayerPlan(t.name, 0.9, 8) for t in selection.apply(model)), _source="default")
+
+
+def gradual_sparsities(target: float, steps: int) -> list[float]:
+    """Zhu & Gupta's cubic schedule from 0 to ``target`` in ``steps`` steps."""
+    return [target * (1 - (1 - step / steps) ** 3) for step in range(1, steps + 1)]
+
+
+@dataclass
+class _Loop:
+    """State of one compress run: the model, what is frozen and encoded, the step log."""
+
+    model: OnnxModel
+    train: Dataset
+    test: Dataset
+    recipe: Recipe
+    log: Callable[[dict], None]
+    teacher: np.ndarray | None = None
+    frozen: list[str] = field(default_factory=list)
+    encoded: dict[str, EncodedTensor] = field(default_factory=dict)
+    steps: list[dict] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
+
+    def retrain(self, epochs: int) -> None:
+        if epochs <= 0:
+            return
+        settings = TrainSettings(epochs=epochs, lr=self.recipe.lr, batch_size=self.recipe.batch_size,
+                                 seed=self.recipe.seed + len(self.steps))
+        retrain_model(self.model, self.train.x, self.train.y, tuple(self.frozen), settings, self.teacher)
+
+    def measure(self, layer: str | None, step: str) -> dict:
+        result = evaluate(self.model.proto.SerializeToString(), self.test)
+        row = {"layer": layer, "step": step, "accuracy": result.accuracy, "error": result.error,
+               "weights_bytes": self.weights_bytes(), "seconds": round(time.perf_counter() - self.started, 1)}
+        if layer is not None:
+            tensor = self.model.weight(layer)
+            values = tensor.array()
+            row.update(sparsity=sparsity_of(values), distinct=int(np.unique(values[values != 0]).size))
+        self.steps.append(row)
+        self.log(row)
+        return row
+
+    def weights_bytes(self) -> int:
+        """Encoded layers at their encoded size, every other tensor at its stored size."""
+        return sum(self.encoded[t.name][1]["encoded_bytes"] if t.name in self.encoded else t.nbytes
+                   for t in self.model.weights if not t.quantized)
+
+    def compress_layer(self, plan: LayerPlan) -> None:
+        tensor = self.model.weight(plan.name)
+        for sparsity in gradual_sparsities(plan.sparsity, self.recipe.prune_steps):
+            tensor.set_array(prune_array(tensor.array(), sparsity))
+            self.retrain(self.recipe.prune_epochs)
+        self.measure(plan.name, f"pruned to {plan.sparsity:.1%}")
+        tensor.set_array(quantize_array(tensor.float_array(), plan.clusters))
+        self.measure(plan.name, f"clustered to {plan.clusters}")
+        self.retrain(self.recipe.centroid_epochs)
+        self.measure(plan.name, "centroids retrained")
+        record, row = encode_tensor(tensor, plan.t, plan.fp_bits, self.recipe.seed)
+        tensor.set_array(decode_record(record))
+        self.encoded[plan.name] = (record, row)
+        self.frozen.append(plan.name)
+        self.measure(plan.name, f"encoded t={row['t']} (~{row['expected_false_positives']:.0f} false positives)")
+        self.retrain(self.recipe.retrain_epochs)
+        self.measure(plan.name, "later layers retrained")
+
+
+def compress_file(source: Path, target: Path, train_spec: str, test_spec: str, recipe: Recipe,
+                  log: Callable[[dict], None] = lambda row: None, test_limit: int | None = None) -> dict:
+    """Run the Weightless loop on ``source`` and write the blob ``target``; return the report."""
+    model = OnnxModel.load(source)
+    missing = [plan.name for plan in recipe.layers if plan.name not in {t.name for t in model.weights}]
+    if missing:
+        raise UsageError(f"recipe {recipe._source} names tensor(s) not in the model: {', '.join(missing)}", source)
+    shape = model_input_shape(source)
+    train = load_dataset(train_spec, shape, recipe.train_limit)
+    test = load_dataset(test_spec, shape, test_limit)
+    if train.y is None and not recipe.distill:
+        raise UsageError("the training data has no labels; set distill = true in the recipe", source)
+    loop = _Loop(model, train, test, recipe, log)
+    if recipe.distill:
+        loop.teacher = teacher_logits(OnnxModel.load(source), train.x)
+    baseline = loop.measure(None, "original")
+    for plan in recipe.layers:
+        loop.compress_layer(plan)
+    if recipe.final_epochs:
+        loop.retrain(recipe.final_epochs)
+        loop.measure(None, "final retraining")
+    blob, rows = assemble_blob(model, loop.encoded, recipe.seed)
+    blob_bytes = save_blob(target, blob)
+    # Measure the artifact itself, decoded from the bytes on disk.
+    decoded = decode_blob(blob, target)
+    final = evaluate(decoded.proto.SerializeToString(), test)
+    summary = file_summary(source.stat().st_size, blob_bytes, rows)
+    return {"input": str(source), "output": str(target), "recipe": recipe._source, "train": train.name,
+            "test": test.name, "steps": loop.steps, "tensors": rows, "file": summary,
+            "accuracy_before": baseline["accuracy"], "accuracy_after": final.accuracy,
+            "error_before": baseline["error"], "error_after": final.error,
+            "seconds": round(time.perf_counter() - loop.started, 1), "log2_ratio": math.log2(summary["ratio"])}
