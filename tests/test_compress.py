@@ -1,0 +1,87 @@
+"""compress (the Weightless loop) end to end on the real sample model, and its recipes."""
+
+import pytest
+
+from tests.cli_helpers import run_cli
+from weightless_cli.stages.compress import gradual_sparsities
+
+pytest.importorskip("torch")
+
+SMOKE_RECIPE = """
+description = "a few seconds: two layers, small data"
+train_limit = 3000
+prune_steps = 2
+seed = 3
+
+[[layer]]
+name = "fc1.weight"
+sparsity = 0.9
+clusters = 8
+fp_bits = 7
+
+[[layer]]
+name = "fc2.weight"
+sparsity = 0.8
+clusters = 8
+t = 9
+"""
+
+
+def test_compress_short_run_end_to_end(capsys, tmp_path, mnist_cache):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(SMOKE_RECIPE)
+    blob = tmp_path / "m.wl"
+    result = run_cli(capsys, "compress", "sample_models/lenet-300-100.onnx", "--data", "mnist", "--recipe", recipe,
+                     "--eval-limit", "1000", "-o", blob, "--json")
+    assert result.code == 0, result.err
+    report = result.json()
+    steps = [(row["layer"], row["step"]) for row in report["steps"]]
+    assert steps[0] == (None, "original") and len(steps) == 1 + 2 * 5
+    encoded = {row["name"]: row for row in report["tensors"] if row["codec"] == "bloomier"}
+    assert encoded["fc1.weight"]["t"] == 4 + 7 and encoded["fc2.weight"]["t"] == 9
+    pruned = [row for row in report["steps"] if row["step"].startswith("pruned")]
+    assert abs(pruned[0]["sparsity"] - 0.9) < 1e-3 and abs(pruned[1]["sparsity"] - 0.8) < 1e-3
+    assert report["file"]["ratio"] > 8
+    # Retraining around the errors keeps the model useful on this small budget.
+    assert report["accuracy_after"] > 0.9
+    # The reported accuracy is the blob's own, as decode-and-eval measures it.
+    again = run_cli(capsys, "decode-and-eval", blob, "--data", "mnist", "--limit", "1000", "--json").json()
+    assert again["accuracy"] == report["accuracy_after"]
+
+
+@pytest.mark.parametrize("text, code, message", [
+    ("[[layer]]\nname='fc1.weight'\nsparsity=0.9\nclusters=8\nbogus=1\n", 3, "unknown key(s): bogus"),
+    ("[[layer]]\nname='nope'\nsparsity=0.9\nclusters=8\n", 2, "not in the model: nope"),
+    ("[[layer]]\nname='fc1.weight'\nsparsity=1.2\nclusters=8\n", 2, "outside [0, 1)"),
+    ("epochs = [", 3, "not a valid TOML recipe"),
+    ("lr = 0.1\n", 3, "at least one [[layer]]"),
+])
+def test_bad_recipes_are_one_line_errors(capsys, tmp_path, text, code, message):
+    recipe = tmp_path / "bad.toml"
+    recipe.write_text(text)
+    result = run_cli(capsys, "compress", "sample_models/lenet-300-100.onnx", "--data", "mnist", "--recipe", recipe,
+                     "-o", tmp_path / "x.wl")
+    assert result.code == code and message in result.err and result.err.count("\n") == 1
+    assert not (tmp_path / "x.wl").exists()
+
+
+def test_gradual_schedule_ends_at_target_and_front_loads():
+    steps = gradual_sparsities(0.9, 3)
+    assert steps[-1] == pytest.approx(0.9) and steps[0] > 0.9 / 3 and steps == sorted(steps)
+
+
+def test_retrain_command_keeps_frozen_and_zeros(capsys, tmp_path, mnist_cache):
+    import numpy as np
+
+    from weightless_cli.model import OnnxModel
+
+    pruned, out = tmp_path / "p.onnx", tmp_path / "r.onnx"
+    assert run_cli(capsys, "prune", "sample_models/lenet-300-100.onnx", "-o", pruned, "--sparsity", "0.9").code == 0
+    result = run_cli(capsys, "retrain", pruned, "--data", "mnist:train", "--limit", "2000", "--freeze", "fc1.*",
+                     "-o", out, "--json")
+    assert result.code == 0, result.err
+    assert result.json()["frozen"] == ["fc1.weight", "fc1.bias"]
+    before, after = OnnxModel.load(pruned), OnnxModel.load(out)
+    assert after.weight("fc1.weight").proto == before.weight("fc1.weight").proto
+    w2_before, w2_after = before.weight("fc2.weight").array(), after.weight("fc2.weight").array()
+    assert np.array_equal(w2_before == 0, w2_after == 0) and not np.array_equal(w2_before, w2_after)
