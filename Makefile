@@ -35,6 +35,10 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/bench_kmeans.py
 
+# Reproduce docs/RESULTS.md and results/*.wl (tens of minutes on 2 cores; not part of `make test`).
+results: data
+	$(PY) scripts/make_results.py
+
 # --- stages chained by file name --------------------------------------------------
 # make build/demo/lenet-300-100.quant.onnx runs prune then quantize on the sample model.
 PRUNE_FLAGS ?= --sparsity 0.92 --sparsity 'fc3*=0.74'

@@ -166,6 +166,11 @@ class _Loop:
                    for t in self.model.weights if not t.quantized)
 
     def compress_layer(self, plan: LayerPlan) -> None:
+        self.prepare_layer(plan)
+        self.encode_layer(plan)
+
+    def prepare_layer(self, plan: LayerPlan) -> None:
+        """Prune gradually, cluster, retrain the centroids."""
         tensor = self.model.weight(plan.name)
         for sparsity in gradual_sparsities(plan.sparsity, self.recipe.prune_steps):
             tensor.set_array(prune_array(tensor.array(), sparsity))
@@ -175,6 +180,10 @@ class _Loop:
         self.measure(plan.name, f"clustered to {plan.clusters}")
         self.retrain(self.recipe.centroid_epochs)
         self.measure(plan.name, "centroids retrained")
+
+    def encode_layer(self, plan: LayerPlan) -> dict:
+        """Encode, put the decoded weights (false positives in) back, freeze, retrain the rest."""
+        tensor = self.model.weight(plan.name)
         record, row = encode_tensor(tensor, plan.t, plan.fp_bits, self.recipe.seed)
         tensor.set_array(decode_record(record))
         self.encoded[plan.name] = (record, row)
@@ -182,6 +191,7 @@ class _Loop:
         self.measure(plan.name, f"encoded t={row['t']} (~{row['expected_false_positives']:.0f} false positives)")
         self.retrain(self.recipe.retrain_epochs)
         self.measure(plan.name, "later layers retrained")
+        return row
 
 
 def compress_file(source: Path, target: Path, train_spec: str, test_spec: str, recipe: Recipe,
@@ -216,3 +226,40 @@ def compress_file(source: Path, target: Path, train_spec: str, test_spec: str, r
             "accuracy_before": baseline["accuracy"], "accuracy_after": final.accuracy,
             "error_before": baseline["error"], "error_after": final.error,
             "seconds": round(time.perf_counter() - loop.started, 1), "log2_ratio": math.log2(summary["ratio"])}
+
+
+def sweep_t(source: Path, train_spec: str, test_spec: str, recipe: Recipe, layer: str, ts: list[int],
+            log: Callable[[dict], None] = lambda row: None, test_limit: int | None = None) -> list[dict]:
+    """Size and accuracy of one layer encoded at each t, after retraining the later layers.
+
+    The layers before ``layer`` in the recipe are compressed first, and ``layer`` is
+    pruned, clustered and centroid-retrained once; every t then starts from that state.
+    """
+    plans = {plan.name: plan for plan in recipe.layers}
+    if layer not in plans:
+        raise UsageError(f"layer {layer} is not in the recipe")
+    model = OnnxModel.load(source)
+    shape = model_input_shape(source)
+    train = load_dataset(train_spec, shape, recipe.train_limit)
+    test = load_dataset(test_spec, shape, test_limit)
+    loop = _Loop(model, train, test, recipe, log)
+    if recipe.distill:
+        loop.teacher = teacher_logits(OnnxModel.load(source), train.x)
+    for plan in recipe.layers[: [p.name for p in recipe.layers].index(layer)]:
+        loop.compress_layer(plan)
+    loop.prepare_layer(plans[layer])
+    prepared = model.proto.SerializeToString()
+    baseline = loop.steps[-1]
+    rows = []
+    for t in ts:
+        model.proto.ParseFromString(prepared)
+        loop.model = OnnxModel.from_proto(model.proto, source)
+        loop.frozen = [name for name in loop.frozen if name != layer]
+        encoded = loop.encode_layer(LayerPlan(layer, plans[layer].sparsity, plans[layer].clusters, t=t,
+                                              fp_bits=None))
+        after = loop.steps[-1]
+        rows.append({"t": t, "bits": encoded["bits"], "bytes": encoded["encoded_bytes"],
+                     "bits_per_nonzero": encoded["bits_per_nonzero"],
+                     "expected_false_positives": encoded["expected_false_positives"],
+                     "error_before_encoding": baseline["error"], "error_after_retraining": after["error"]})
+    return rows
