@@ -85,28 +85,45 @@ class Layout:
 
 
 def classic_layout(n_keys: int) -> Layout:
-    """Three blocks of ``ceil((1.23 n + 32) / 3)`` cells (the measured reliable size)."""
-    block = max(1, -(-(123 * n_keys + 3200) // 300))
-    return Layout(LAYOUT_CLASSIC, block, 3)
+    """Three blocks of about ``factor(n) * n / 3`` cells; ``factor`` from the measured table."""
+    factor = _CLASSIC_FACTOR[_bucket(n_keys, len(_CLASSIC_FACTOR))]
+    capacity = -(-n_keys * factor // _FACTOR_ONE)  # round up: blocks are fine-grained
+    return Layout(LAYOUT_CLASSIC, max(1, -(-capacity // 3)), 3)
 
 
 def fuse_layout(n_keys: int) -> Layout:
-    """Binary fuse layout for ``n_keys``: segment length and size factor from measured tables."""
-    if n_keys < 2:
-        return Layout(LAYOUT_FUSE, 1, 3)
-    bits = n_keys.bit_length()
-    length_log2 = min(18, max(0, _FUSE_LENGTH_LOG2[min(bits, len(_FUSE_LENGTH_LOG2) - 1)]))
+    """Binary fuse layout: measured segment length and factor for ``n_keys``'s size bucket."""
+    bucket = _bucket(n_keys, len(_FUSE_SIZING))
+    length_log2, factor = _FUSE_SIZING[bucket]
     length = 1 << length_log2
-    permille = _FUSE_PERMILLE[min(bits, len(_FUSE_PERMILLE) - 1)]
-    capacity = -(-n_keys * permille // 1000)
-    total_segments = max(3, -(-capacity // length))
-    return Layout(LAYOUT_FUSE, length, total_segments)
+    # Round the capacity down: the measured size is a whole number of segments, and
+    # rounding up here would add a segment at the bucket's first n.
+    capacity = n_keys * factor // _FACTOR_ONE
+    return Layout(LAYOUT_FUSE, length, max(3, -(-capacity // length)))
 
 
-# Indexed by n_keys.bit_length() (n in [2**(b-1), 2**b)); provisional, replaced by the
-# sizing study in bench/bench_bloomier.py.
-_FUSE_LENGTH_LOG2 = [0, 0, 1, 2, 3, 3, 4, 4, 5, 5, 6, 7, 7, 8, 8, 9, 10, 10, 11, 11, 12, 13, 13, 14, 15, 15, 16, 17, 17, 18]
-_FUSE_PERMILLE = [3000, 3000, 3000, 3000, 2000, 2000, 1800, 1600, 1500, 1450, 1400, 1350, 1300, 1280, 1250, 1220, 1200, 1180, 1160, 1150, 1140, 1130, 1125, 1125, 1125, 1125, 1125, 1125, 1125, 1125]
+def _bucket(n_keys: int, table_size: int) -> int:
+    """Size bucket ``b`` holds n in [2**(b-1), 2**b); sizes were measured at its smallest n."""
+    return min(max(n_keys, 1).bit_length(), table_size - 1)
+
+
+# Sizes measured by ``bench/bench_bloomier.py --sizing-study``: for the smallest n of each
+# bucket, the fewest cells (per layout and segment length) with which at least 90% of
+# seeds peel. Factors are cells per key in units of 1/65536, indexed by n.bit_length().
+_FACTOR_ONE = 1 << 16
+_CLASSIC_FACTOR = [
+    196608, 196608, 196608, 196608, 172032, 135168, 116736, 95232, 89088, 86016,  # b = 0..9
+    83328, 82944, 81600, 81168, 80760, 80568, 80610, 80418, 80426, 80228,  # b = 10..19
+    80229, 80230,  # b = 20, 21; classic is never the smaller layout beyond
+]
+_FUSE_SIZING = [  # (log2 segment length, factor)
+    (1, 393216), (1, 393216), (1, 262144), (2, 196608), (3, 196608),  # b = 0..4
+    (3, 131072), (4, 131072), (4, 114688), (6, 98304), (7, 98304),  # b = 5..9
+    (6, 90112), (6, 94208), (8, 90112), (8, 86016), (9, 81920),  # b = 10..14
+    (9, 79872), (9, 78848), (10, 76800), (11, 75776), (11, 75264),  # b = 15..19
+    (13, 74752), (13, 74240), (13, 73472), (14, 72960), (15, 72704),  # b = 20..24
+    (16, 72704), (17, 72704), (18, 72704),  # b = 25..27: extrapolated, same segment count
+]
 
 
 def choose_layout(n_keys: int) -> Layout:

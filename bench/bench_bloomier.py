@@ -1,0 +1,344 @@
+"""Benchmarks for the Bloomier codec (prints tables; not a unit test).
+
+    .venv/bin/python bench/bench_bloomier.py                 # hash, build, decode, sizes
+    .venv/bin/python bench/bench_bloomier.py build decode    # some of them
+    .venv/bin/python bench/bench_bloomier.py --sizing-study 15-24   # how the size tables were made
+    .venv/bin/python bench/bench_bloomier.py --verify-sizing 1-24   # p(first seed peels) per bucket
+
+CPU times are process times (this machine is shared, so wall clocks are noisy); the
+decode rows report wall time because they use threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from weightless_cli.codecs import bloomier
+from weightless_cli.codecs.bitpack import pack_bits, unpack_bits
+from weightless_cli.codecs.hashing import murmur3_32, position_hash
+
+FC6_POSITIONS = 25088 * 4096  # VGG-16 fc6: 102,760,448 weights
+FC6_DENSITY = 0.04
+LENET_FC1_POSITIONS = 784 * 300  # LeNet-300-100's first layer: 235,200 weights
+LENET_DENSITY = 0.08
+
+
+def sparse_positions(n_positions: int, density: float, seed: int = 0) -> np.ndarray:
+    """Sorted distinct positions, each kept with probability ``density`` (like a pruned layer)."""
+    rng = np.random.default_rng(seed)
+    chunks = []
+    for start in range(0, n_positions, 1 << 24):
+        stop = min(start + (1 << 24), n_positions)
+        chunks.append(start + np.flatnonzero(rng.random(stop - start) < density))
+    return np.concatenate(chunks)
+
+
+def cpu_timed(fn, *args, **kwargs):
+    start_cpu, start_wall = time.process_time(), time.perf_counter()
+    result = fn(*args, **kwargs)
+    return result, time.process_time() - start_cpu, time.perf_counter() - start_wall
+
+
+def print_table(title: str, header: list[str], rows: list[list[object]]) -> None:
+    print(f"\n## {title}\n")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join("---" for _ in header) + "|")
+    for row in rows:
+        print("| " + " | ".join(str(cell) for cell in row) + " |")
+    sys.stdout.flush()
+
+
+# ----------------------------------------------------------------------------- hash
+
+
+def bench_hash() -> None:
+    keys = np.arange(1 << 20, dtype=np.uint64)
+    keys32 = keys.astype(np.uint32)
+    out = np.empty_like(keys)
+    scratch = np.empty_like(keys)
+    candidates = [
+        ("fmix64(key + seed_word): 64 bits (used)", lambda: position_hash(keys, 7, out, scratch)),
+        ("MurmurHash3 x86_32 (mmh3-exact): 32 bits", lambda: murmur3_32(keys32, 7)),
+        ("2 x MurmurHash3 x86_32: 64 bits", lambda: (murmur3_32(keys32, 7), murmur3_32(keys32, 8))),
+    ]
+    rows = []
+    for name, fn in candidates:
+        fn()
+        best = min(cpu_timed(lambda fn=fn: [fn() for _ in range(5)])[1] / 5 for _ in range(3))
+        rows.append([name, f"{best / keys.size * 1e9:.2f}"])
+    print_table("Hashing (1 Mi consecutive keys, one core)", ["hash", "ns/key"], rows)
+
+
+# ----------------------------------------------------------------------------- build
+
+
+def c_binary_fuse8_seconds(keys: np.ndarray) -> float | None:
+    """CPU seconds of xor_singleheader's binary_fuse8 populate (via pyfusefilter's cffi lib)."""
+    try:
+        from pyfusefilter._xorfilter import ffi, lib
+    except ImportError:
+        return None
+    data = np.ascontiguousarray(keys, dtype=np.uint64).copy()
+    handle = ffi.new("binary_fuse8_t *")
+    start = time.process_time()
+    if not lib.binary_fuse8_allocate(data.size, handle):
+        return None
+    ok = lib.binary_fuse8_populate(ffi.from_buffer("uint64_t[]", data), data.size, handle)
+    seconds = time.process_time() - start
+    lib.binary_fuse8_free(handle)
+    return seconds if ok else None
+
+
+def bench_build(sizes: list[int]) -> None:
+    rows = []
+    for n in sizes:
+        positions = sparse_positions(n * 25, 1 / 25, seed=n)
+        ids = np.random.default_rng(1).integers(0, 255, size=positions.size)
+        table, cpu, wall = cpu_timed(bloomier.build_table, positions, ids, 8, 0)
+        c_seconds = min(filter(None, [c_binary_fuse8_seconds(positions) for _ in range(3)]), default=None)
+        ratio = f"{cpu / c_seconds:.1f}x" if c_seconds else "n/a"
+        rows.append(
+            [
+                f"{positions.size:,}",
+                f"{cpu:.3f}",
+                f"{wall:.3f}",
+                f"{positions.size / cpu / 1e6:.2f}",
+                f"{c_seconds:.3f}" if c_seconds else "n/a",
+                ratio,
+                f"{table.layout.cells / positions.size:.4f}",
+                table.seed,
+            ]
+        )
+    print_table(
+        "Build (t = 8, keys = 4 % of a 25n range; C = pyfusefilter binary_fuse8_populate, same keys)",
+        ["keys", "cpu s", "wall s", "M keys/s (cpu)", "C cpu s", "ours / C", "m/n", "seed used"],
+        rows,
+    )
+
+
+def bench_paper_layers() -> None:
+    rows = []
+    for name, n_positions, density, paper in (
+        ("LeNet-300-100 fc1 (784x300, 8 % kept)", LENET_FC1_POSITIONS, LENET_DENSITY, 0.52),
+        ("VGG-16 fc6 (25088x4096, 4 % kept)", FC6_POSITIONS, FC6_DENSITY, 22.8),
+    ):
+        positions = sparse_positions(n_positions, density)
+        ids = np.random.default_rng(2).integers(0, 15, size=positions.size)
+        table, enc_cpu, _ = cpu_timed(bloomier.encode_positions, positions, ids, n_positions, 8)
+        _, _, dec_wall = cpu_timed(bloomier.decode_ids, table, n_positions, 15, threads=1)
+        rows.append([name, f"{positions.size:,}", f"{enc_cpu:.2f}", f"{dec_wall:.2f}", paper])
+    print_table(
+        "Paper layers (t = 8): encode cpu s, decode wall s on 1 thread; paper = Weightless encode, desktop i7",
+        ["layer", "nonzeros", "encode s", "decode s", "paper s"],
+        rows,
+    )
+
+
+# ----------------------------------------------------------------------------- decode
+
+
+def _decode_child(table_path: str, mode: str, threads: int) -> None:
+    """Run in a fresh process: decode the fc6 table and report speed and peak memory."""
+    with np.load(table_path) as saved:
+        params = {k: int(v) for k, v in json.loads(str(saved["params"])).items()}
+        cells = unpack_bits(saved["cells"].tobytes(), params["t"], params["cells"])
+    table = bloomier.BloomierTable.from_params(params, cells)
+    k = 15
+    codebook = np.linspace(-1, 1, k, dtype=np.float32)
+    rss_before = _current_rss_bytes()
+    start = time.perf_counter()
+    if mode == "ids":
+        out = bloomier.decode_ids(table, params["n_positions"], k, threads=threads)
+    else:
+        out = bloomier.decode_values(table, params["n_positions"], codebook, threads=threads)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"seconds": seconds, "extra": peak - rss_before - out.nbytes, "out": out.nbytes}))
+
+
+def _current_rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize()
+
+
+def bench_decode() -> None:
+    positions = sparse_positions(FC6_POSITIONS, FC6_DENSITY)
+    ids = np.random.default_rng(3).integers(0, 15, size=positions.size)
+    table = bloomier.encode_positions(positions, ids, FC6_POSITIONS, 8)
+    float_tensor = FC6_POSITIONS * 4
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "fc6.npz"
+        np.savez(path, params=json.dumps(table.to_params()), cells=np.frombuffer(pack_bits(table.cells, 8), np.uint8))
+        for mode in ("ids", "values"):
+            for threads in (1, 2):
+                child = subprocess.run(
+                    [sys.executable, __file__, "--decode-child", str(path), mode, str(threads)],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
+                result = json.loads(child.stdout.strip().splitlines()[-1])
+                rows.append(
+                    [
+                        "decode_ids (uint8)" if mode == "ids" else "decode_values (float32)",
+                        threads,
+                        f"{result['seconds']:.2f}",
+                        f"{FC6_POSITIONS / result['seconds'] / 1e6:.1f}",
+                        f"{result['out'] / 2**20:.0f}",
+                        f"{max(result['extra'], 0) / 2**20:.1f}",
+                        f"{100 * max(result['extra'], 0) / float_tensor:.1f} %",
+                    ]
+                )
+    print_table(
+        f"Decode VGG-16 fc6 ({FC6_POSITIONS:,} positions, {positions.size:,} nonzero, t = 8, wall time)",
+        ["call", "threads", "s", "M positions/s", "output MiB", "peak extra MiB", "extra / float32 tensor"],
+        rows,
+    )
+
+
+# ----------------------------------------------------------------------------- sizes
+
+
+def bench_sizes(build_up_to: int) -> None:
+    rows = []
+    for n in (10**3, 3 * 10**3, 10**4, 3 * 10**4, 10**5, 3 * 10**5, 10**6, 3 * 10**6, 10**7):
+        layout = bloomier.choose_layout(n)
+        kind = "fuse" if layout.kind == bloomier.LAYOUT_FUSE else "classic"
+        built = ""
+        if n <= build_up_to:
+            keys = np.arange(n, dtype=np.uint64) * 7
+            table = bloomier.build_table(keys, np.zeros(n, dtype=np.uint8), 8)
+            built = f"yes (seed {table.seed})"
+        rows.append([f"{n:,}", kind, layout.segment_length, layout.segment_count, f"{layout.cells / n:.4f}", built])
+    print_table("Table size m/n (cells per stored key)", ["n", "layout", "segment length", "segments", "m/n", "built"], rows)
+
+
+# ----------------------------------------------------------------------------- sizing study
+
+
+def peel_rate(n: int, layout: bloomier.Layout, trials: int, need: int) -> tuple[float, bool]:
+    """Fraction of seeds whose hypergraph peels; stops early once ``need`` is out of reach."""
+    keys = np.arange(n, dtype=np.uint64)
+    ok = 0
+    for trial in range(trials):
+        hashes, _ = bloomier._sort_by_first_cell(position_hash(keys, 1000 + trial), np.zeros(n, np.uint8))
+        ok += bloomier._peel(bloomier.cell_triples(hashes, layout), layout.cells) is not None
+        if trial + 1 - ok > trials - need:
+            return ok / (trial + 1), False
+    return ok / trials, True
+
+
+def trials_for(n: int) -> int:
+    return 40 if n <= 1 << 14 else 20 if n <= 1 << 18 else 10 if n <= 1 << 20 else 5
+
+
+def smallest_cells(n: int, kind: int, length: int, target: float = 0.9, limit: float = math.inf) -> float:
+    """Fewest cells (whole segments / blocks) for which >= target of the seeds peel.
+
+    Gives up (returns inf) past ``limit`` cells: a size another candidate already beats.
+    """
+    trials = trials_for(n)
+    need = math.ceil(target * trials)
+    if kind == bloomier.LAYOUT_FUSE:
+        count = max(3, math.ceil(1.10 * n / length))
+        while not peel_rate(n, bloomier.Layout(kind, length, count), trials, need)[1]:
+            count += max(1, count // 200)
+            if count * length > limit:
+                return math.inf
+        return count * length
+    block = max(1, math.ceil(1.20 * n / 3))
+    while not peel_rate(n, bloomier.Layout(kind, block, 3), trials, need)[1]:
+        block += max(1, block // 400)
+    return 3 * block
+
+
+def sizing_study(buckets: list[int]) -> None:
+    """For each bucket, the smallest reliable size at both ends, per layout and segment length."""
+    for bucket in buckets:
+        ends = [1 << (bucket - 1), (1 << bucket) - 1] if bucket > 1 else [1]
+        result: dict[str, object] = {"bucket": bucket, "n": ends}
+        if bucket <= 21:
+            cells = [smallest_cells(n, bloomier.LAYOUT_CLASSIC, 0) for n in ends]
+            result["classic_factor"] = max(math.ceil(c * 65536 / n) for c, n in zip(cells, ends, strict=True))
+        # Around Graf & Lemire's segment length for this n; the winners were never far from it.
+        suggested = math.floor(math.log(ends[0]) / math.log(3.33) + 2.25) if ends[0] > 1 else 1
+        widest = suggested if bucket >= 20 else suggested + 2
+        best = math.inf  # best factor so far, as cells per key
+        for length_log2 in sorted(range(max(1, suggested - 2), min(18, widest) + 1), key=lambda b: abs(b - suggested + 1)):
+            if 3 << length_log2 > 3 * ends[-1] + 64:
+                continue
+            cells = [
+                smallest_cells(n, bloomier.LAYOUT_FUSE, 1 << length_log2, limit=best * n + (1 << length_log2)) for n in ends
+            ]
+            if math.inf in cells:
+                result[f"fuse_L{length_log2}"] = None
+                continue
+            # Fuse sizes round the capacity down to whole segments, so floor here.
+            factor = max(c * 65536 // n for c, n in zip(cells, ends, strict=True))
+            result[f"fuse_L{length_log2}"] = factor
+            best = min(best, factor / 65536)
+        print(json.dumps(result), flush=True)
+
+
+def verify_sizing(buckets: list[int], trials: int) -> None:
+    rows = []
+    for bucket in buckets:
+        for n in sorted({1 << (bucket - 1), (1 << bucket) - 1}):
+            layout = bloomier.choose_layout(n)
+            rate, _ = peel_rate(n, layout, trials if n < 1 << 20 else max(5, trials // 4), 0)
+            kind = "fuse" if layout.kind == bloomier.LAYOUT_FUSE else "classic"
+            rows.append([bucket, f"{n:,}", kind, layout.segment_length, f"{layout.cells / n:.4f}", f"{rate:.2f}"])
+    print_table("First-seed peel rate of the chosen sizes", ["bucket", "n", "layout", "L", "m/n", "p"], rows)
+
+
+def parse_buckets(text: str) -> list[int]:
+    low, _, high = text.partition("-")
+    return list(range(int(low), int(high or low) + 1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("parts", nargs="*", default=["hash", "build", "paper", "decode", "sizes"])
+    parser.add_argument("--quick", action="store_true", help="skip the 4e6-key build and the 1e7 size check")
+    parser.add_argument("--sizing-study", metavar="B1-B2")
+    parser.add_argument("--verify-sizing", metavar="B1-B2")
+    parser.add_argument("--trials", type=int, default=40)
+    parser.add_argument("--decode-child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.decode_child:
+        _decode_child(args.decode_child[0], args.decode_child[1], int(args.decode_child[2]))
+        return
+    if args.sizing_study:
+        sizing_study(parse_buckets(args.sizing_study))
+        return
+    if args.verify_sizing:
+        verify_sizing(parse_buckets(args.verify_sizing), args.trials)
+        return
+    for part in args.parts:
+        if part == "hash":
+            bench_hash()
+        elif part == "build":
+            bench_build([10**4, 10**6] if args.quick else [10**4, 10**6, 4 * 10**6])
+        elif part == "paper":
+            bench_paper_layers()
+        elif part == "decode":
+            bench_decode()
+        elif part == "sizes":
+            bench_sizes(10**6 if args.quick else 10**7)
+        else:
+            parser.error(f"unknown part {part!r}")
+
+
+if __name__ == "__main__":
+    main()
