@@ -123,7 +123,7 @@ class _Spec:
         return cls.frame(body + table) + payloads
 
     @staticmethod
-    def assemble(records: bytes, major: int = 1, minor: int = 0) -> bytes:
+    def assemble(records: bytes, major: int = 1, minor: int = c.FORMAT_MINOR) -> bytes:
         head = struct.pack("<8sHHQ", c.MAGIC, major, minor, 24 + len(records) + 4)
         body = head + struct.pack("<I", zlib.crc32(head)) + records
         return body + struct.pack("<I", zlib.crc32(body))
@@ -383,7 +383,7 @@ def test_messages_name_the_failure_and_the_source():
 
 
 def test_newer_major_version_is_rejected_with_upgrade_hint():
-    message = assert_rejected(_Spec.assemble(_Spec.file_record(0), major=2))
+    message = assert_rejected(_Spec.assemble(_Spec.file_record(0), major=2, minor=0))
     assert "2.0 is newer" in message and "upgrade" in message
     assert "predates" in assert_rejected(_Spec.assemble(_Spec.file_record(0), major=0))
 
@@ -535,7 +535,7 @@ def test_lzma_stream_must_match_its_declared_size_exactly():
         (TensorRecord("x", (1,) * 9, "float32", "raw", {}, {"data": bytes(4)}), "9 dimensions"),
         (TensorRecord("x", (2**33,), "float32", "raw", {}, {"data": b""}), "out of range"),
         (TensorRecord("x", (1,), "int8", "raw", {}, {"data": bytes(1)}), "unknown dtype 'int8'"),
-        (TensorRecord("x", (1,), "float32", "sparse", {}, {}), "unknown codec 'sparse'"),
+        (TensorRecord("x", (1,), "float32", "no-such-codec", {}, {}), "unknown codec 'no-such-codec'"),
         (TensorRecord("x", (1,), "float32", "raw", {}, {"data": bytes(3)}), "raw data is 3 bytes"),
         (TensorRecord("x", (1,), "float32", "raw", {}, {}), "sections [] do not match"),
         (

@@ -60,7 +60,7 @@ __all__ = [
 # 0x1A stops `type` on Windows consoles.
 MAGIC = b"\x89WLB\r\n\x1a\n"
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 0
+FORMAT_MINOR = 1  # 1: codecs sparse, csr-huffman, dense
 WRITER_KEY = "writer"
 
 _PREAMBLE = struct.Struct("<8sHHQ")  # magic, major, minor, file_length; a crc32 of these 20 bytes follows
@@ -174,6 +174,37 @@ def _bloomier_sizes(n_elements: int, itemsize: int, sizes: Mapping[str, int]) ->
         raise _Invalid(f"codebook has {entries} entries (limit {MAX_CODEBOOK_ENTRIES})")
 
 
+def _check_at_most(sizes: Mapping[str, int], name: str, limit: int) -> None:
+    if sizes[name] > limit:
+        raise _Invalid(f"{name} is {sizes[name]} bytes (limit {limit} for this tensor)")
+
+
+# Caps of the exact codecs (docs/codecs/exact.md): tables are bounded by their alphabets, streams by
+# the most a valid encoder can write per position (ANS: < 24 bits per coded symbol plus raw bits).
+MAX_SPARSE_MODEL_BYTES = 2**17
+MAX_DENSE_MODEL_BYTES = 2**16 + 4
+MAX_HUFFMAN_LENGTHS_BYTES = 2**16 + 2**8 + 8
+
+
+def _sparse_sizes(n_elements: int, itemsize: int, sizes: Mapping[str, int]) -> None:
+    _bloomier_sizes(n_elements, itemsize, sizes)
+    _check_at_most(sizes, "model", MAX_SPARSE_MODEL_BYTES)
+    _check_at_most(sizes, "stream", 32 * n_elements + 64)
+
+
+def _dense_sizes(n_elements: int, itemsize: int, sizes: Mapping[str, int]) -> None:
+    _bloomier_sizes(n_elements, itemsize, sizes)
+    _check_at_most(sizes, "model", MAX_DENSE_MODEL_BYTES)
+    _check_at_most(sizes, "stream", 4 * n_elements + 64)
+
+
+def _csr_huffman_sizes(n_elements: int, itemsize: int, sizes: Mapping[str, int]) -> None:
+    _bloomier_sizes(n_elements, itemsize, sizes)
+    _check_at_most(sizes, "lengths", MAX_HUFFMAN_LENGTHS_BYTES)
+    for stream in ("gaps", "ids"):  # at most one entry per position, at most 16 bits each
+        _check_at_most(sizes, stream, 2 * n_elements)
+
+
 def _graph_sizes(n_elements: int, itemsize: int, sizes: Mapping[str, int]) -> None:
     if sizes["graph"] > MAX_GRAPH_BYTES:
         raise _Invalid(f"graph is {sizes['graph']} bytes (limit {MAX_GRAPH_BYTES})")
@@ -183,6 +214,17 @@ def _graph_sizes(n_elements: int, itemsize: int, sizes: Mapping[str, int]) -> No
 CODECS: dict[str, CodecSpec] = {
     "raw": CodecSpec(("data",), frozenset({"data"}), frozenset(), _raw_sizes),
     "bloomier": CodecSpec(("cells", "codebook"), frozenset(), None, _bloomier_sizes),
+    "sparse": CodecSpec(
+        ("codebook", "model", "stream"),
+        frozenset({"model"}),
+        frozenset({"n", "mode", "class_bits", "classes", "dead_rows", "dead_cols"}),
+        _sparse_sizes,
+    ),
+    "csr-huffman": CodecSpec(
+        ("codebook", "gaps", "ids", "lengths"), frozenset({"lengths"}), frozenset({"bits", "entries"}),
+        _csr_huffman_sizes,
+    ),
+    "dense": CodecSpec(("codebook", "model", "stream"), frozenset({"model"}), frozenset(), _dense_sizes),
 }
 _BLOB_SECTIONS = CodecSpec(("graph",), frozenset({"graph"}), frozenset(), _graph_sizes)
 
