@@ -192,14 +192,21 @@ def _lengths_section(gap_lengths: np.ndarray, id_lengths: np.ndarray) -> bytes:
     return b"".join(parts)
 
 
-def encode(code: SparseCode, shape: tuple[int, ...]) -> tuple[dict[str, int], dict[str, bytes]]:
-    """Params ``bits`` and ``entries``; sections ``gaps``, ``ids``, ``lengths`` (the stage adds ``codebook``)."""
+def encode(code: SparseCode, shape: tuple[int, ...], bits: int | None = None) -> tuple[dict[str, int], dict[str, bytes]]:
+    """Params ``bits`` and ``entries``; sections ``gaps``, ``ids``, ``lengths`` (the stage adds ``codebook``).
+
+    ``bits`` fixes the relative-index width (the paper used 5 for FC and 8 for conv layers); by default
+    every width in :data:`WIDTHS` is tried and the smallest encoding kept (the narrowest on a tie).
+    """
     if math.prod(shape) != code.size:
         raise ValueError(f"shape {shape} has {math.prod(shape)} elements, the code {code.size}")
     if code.k > MAX_IDS:
         raise ValueError(f"{code.k} codebook entries (limit {MAX_IDS})")
+    if bits is not None and bits not in WIDTHS:
+        raise ValueError(f"relative-index width {bits} outside {WIDTHS.start}..{WIDTHS.stop - 1}")
+    widths = WIDTHS if bits is None else [bits]
     bits, relative, ids, gap_lengths, id_lengths, _ = min(
-        (_plan(code, bits) for bits in WIDTHS), key=lambda plan: plan[-1])  # first minimum: narrowest
+        (_plan(code, width) for width in widths), key=lambda plan: plan[-1])  # first minimum: narrowest
     sections = {
         "gaps": _pack_codes(relative, gap_lengths),
         "ids": _pack_codes(ids, id_lengths),

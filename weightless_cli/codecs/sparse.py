@@ -172,9 +172,12 @@ def _plans(lines: _Lines, r: int, c: int) -> list[_Plan]:
     return plans
 
 
-def _best_plan(code: SparseCode, shape: tuple[int, ...]) -> _Plan:
+def _candidates(code: SparseCode, shape: tuple[int, ...]) -> list[_Plan]:
+    """Every description the encoder considers, in a fixed order (ties go to the first)."""
     r, c = grid(shape)
     rows, cols = np.divmod(np.asarray(code.positions, dtype=np.int64), max(c, 1))
+    if code.size == 0:  # an empty tensor has no lines worth describing
+        return _plans(_describe(rows, cols, r, c, MODE_FLAT, False, False), r, c)
     any_dead_row, any_dead_col = np.unique(rows).size < r, np.unique(cols).size < c
     candidates: list[_Plan] = []
     for mode, drop_rows, drop_cols in itertools.product((MODE_FLAT, MODE_ROWS, MODE_COLS), (False, True),
@@ -182,7 +185,7 @@ def _best_plan(code: SparseCode, shape: tuple[int, ...]) -> _Plan:
         if (drop_rows and not any_dead_row) or (drop_cols and not any_dead_col):
             continue  # nothing dead to drop
         candidates += _plans(_describe(rows, cols, r, c, mode, drop_rows, drop_cols), r, c)
-    return min(candidates, key=lambda plan: plan.bits)  # first minimum: deterministic
+    return candidates
 
 
 def _dead_count(live: np.ndarray | None, extent: int) -> int:
@@ -192,8 +195,12 @@ def _dead_count(live: np.ndarray | None, extent: int) -> int:
 def encode(code: SparseCode, shape: tuple[int, ...]) -> tuple[dict[str, int], dict[str, bytes]]:
     """Params and the ``model`` and ``stream`` sections (the stage adds ``codebook``) for ``code``."""
     _check_code(code, shape)
+    plan = min(_candidates(code, shape), key=lambda plan: plan.bits)  # first minimum: deterministic
+    return _encode_plan(code, shape, plan)
+
+
+def _encode_plan(code: SparseCode, shape: tuple[int, ...], plan: _Plan) -> tuple[dict[str, int], dict[str, bytes]]:
     r, c = grid(shape)
-    plan = _best_plan(code, shape)
     lines = plan.lines
     ids = np.asarray(code.ids, dtype=np.int64)
     if lines.order is not None:
@@ -263,6 +270,8 @@ def _check_params(params: dict[str, int], r: int, c: int, n_positions: int) -> N
         raise _fail("param classes = 0, at least one gap model is needed")
     if params["mode"] == MODE_FLAT and (params["class_bits"] or params["classes"] != 1):
         raise _fail("flat mode has exactly one gap model")
+    if n_positions == 0 and (params["mode"] != MODE_FLAT or params["dead_rows"] or params["dead_cols"]):
+        raise _fail("an empty tensor is coded flat, with no dead rows or columns")  # R or C may be huge
 
 
 def _read_model(data: bytes, mode: int, classes: int, k: int) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
