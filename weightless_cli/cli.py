@@ -207,11 +207,18 @@ def _parse_fp_bits(text: str) -> int:
 @click.option("--fp-bits", "fp_bits", multiple=True, metavar="[NAME=]B",
               help="t = ceil(log2(K+1)) + B: each zero becomes a false positive with probability "
                    "about 2^-B (K/2^t exactly).  [default: 6]")
+@click.option("--codec", "codec", multiple=True, metavar="[NAME=]CODEC",
+              help="bloomier (lossy, Weightless; the default), sparse (exact, entropy-coded positions), "
+                   "csr-huffman (Deep Compression's), dense (not pruned), or auto (the smallest exact one, or "
+                   "bloomier when smaller and within --max-fp-ratio). NAME=CODEC for one tensor.")
+@click.option("--max-fp-ratio", type=click.FloatRange(min=0), metavar="R",
+              help="With --codec auto: accept bloomier when its expected false positives ≤ R × nonzeros.")
 @click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True,
               help="First hash seed tried; the same inputs and seed give identical bytes.")
 @selection_options
 @output_options
-def encode(model: Path, output: Path, force: bool, t: tuple[str, ...], fp_bits: tuple[str, ...], seed: int,
+def encode(model: Path, output: Path, force: bool, t: tuple[str, ...], fp_bits: tuple[str, ...],
+           codec: tuple[str, ...], max_fp_ratio: float | None, seed: int,
            layers: tuple[str, ...], exclude: tuple[str, ...], min_params: int, as_json: bool, quiet: bool) -> None:
     """Encode a clustered MODEL into a .wl blob (lossy Bloomier filter, Weightless).
 
@@ -225,17 +232,24 @@ def encode(model: Path, output: Path, force: bool, t: tuple[str, ...], fp_bits: 
       weightless encode lenet.quant.onnx -o lenet.wl --fp-bits 7
       weightless encode lenet.quant.onnx -o lenet.wl --t 10 --t 'fc3*=8' --seed 1
     """
-    from weightless_cli.stages.encode import DEFAULT_FP_BITS, encode_file
+    from weightless_cli.stages.encode import CODEC_CHOICES, DEFAULT_FP_BITS, encode_file
+
+    def parse_codec(text: str) -> str:
+        if text not in CODEC_CHOICES:
+            raise UsageError(f"unknown codec {text!r}; choose from {', '.join(CODEC_CHOICES)}")
+        return text
 
     target = check_writable(output, force)
+    codecs = PerTensor.parse(codec, parse_codec, "--codec", default="bloomier")
     t_settings = PerTensor.parse(t, _parse_t, "--t")
     fp_settings = PerTensor.parse(fp_bits, _parse_fp_bits, "--fp-bits", default=DEFAULT_FP_BITS)
-    result = encode_file(model, target, Selection(layers, exclude, min_params), t_settings, fp_settings, seed)
+    result = encode_file(model, target, Selection(layers, exclude, min_params), codecs, t_settings, fp_settings,
+                         seed, max_fp_ratio)
     reporter = Reporter(as_json, quiet)
     _report_warnings(reporter, result)
     encoded = [row for row in result["tensors"] if row["codec"] != "raw"]
     reporter.table(f"encoded → {target}", encoded, [
-        ("name", "tensor", str), ("params", "params", fmt_int), ("nonzeros", "nonzeros", fmt_int),
+        ("name", "tensor", str), ("codec", "codec", str), ("params", "params", fmt_int), ("nonzeros", "nonzeros", fmt_int),
         ("k", "K", fmt_int), ("t", "t", fmt_int), ("cells", "cells m", fmt_int), ("cells_per_key", "m/n", fmt_float),
         ("bits", "bits", fmt_int), ("bits_per_nonzero", "bits/nonzero", fmt_float),
         ("expected_false_positives", "exp. FP", fmt_float), ("ratio", "ratio", fmt_ratio)])

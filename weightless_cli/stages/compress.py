@@ -31,7 +31,13 @@ from weightless_cli.errors import BadInputError, UsageError
 from weightless_cli.fileio import read_input_bytes
 from weightless_cli.model import OnnxModel, Selection
 from weightless_cli.stages.decode import decode_blob, decode_record
-from weightless_cli.stages.encode import EncodedTensor, assemble_blob, encode_tensor, file_summary
+from weightless_cli.stages.encode import (
+    CODEC_CHOICES,
+    EncodedTensor,
+    assemble_blob,
+    encode_tensor,
+    file_summary,
+)
 from weightless_cli.stages.evaluate import evaluate, model_input_shape
 from weightless_cli.stages.prune import prune_array, sparsity_of
 from weightless_cli.stages.quantize import quantize_array
@@ -47,6 +53,7 @@ class LayerPlan:
     clusters: int
     t: int | None = None
     fp_bits: int | None = 6
+    codec: str = "bloomier"  # or an exact codec, or auto (see encode --codec)
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,7 @@ class Recipe:
     batch_size: int = 128
     train_limit: int | None = None
     distill: bool = True
+    max_fp_ratio: float | None = None  # for codec = "auto": accept bloomier up to this many FP per nonzero
     seed: int = 0
     description: str = ""
     _source: str = field(default="", compare=False)
@@ -111,6 +119,9 @@ def check_recipe(recipe: Recipe, where: object) -> None:
             raise UsageError(f"layer {plan.name}: sparsity {plan.sparsity} is outside [0, 1)", where)
         if not 1 <= plan.clusters <= 65535:
             raise UsageError(f"layer {plan.name}: clusters {plan.clusters} is outside 1..65535", where)
+        if plan.codec not in CODEC_CHOICES:
+            raise UsageError(f"layer {plan.name}: unknown codec {plan.codec!r}; choose from "
+                             f"{', '.join(CODEC_CHOICES)}", where)
     if recipe.prune_steps < 1 or min(recipe.prune_epochs, recipe.centroid_epochs, recipe.retrain_epochs,
                                      recipe.final_epochs) < 0:
         raise UsageError("prune_steps must be ≥ 1 and epochs ≥ 0", where)
@@ -184,11 +195,14 @@ class _Loop:
     def encode_layer(self, plan: LayerPlan) -> dict:
         """Encode, put the decoded weights (false positives in) back, freeze, retrain the rest."""
         tensor = self.model.weight(plan.name)
-        record, row = encode_tensor(tensor, plan.t, plan.fp_bits, self.recipe.seed)
+        record, row = encode_tensor(tensor, plan.codec, plan.t, plan.fp_bits, self.recipe.seed,
+                                    self.recipe.max_fp_ratio)
         tensor.set_array(decode_record(record))
         self.encoded[plan.name] = (record, row)
         self.frozen.append(plan.name)
-        self.measure(plan.name, f"encoded t={row['t']} (~{row['expected_false_positives']:.0f} false positives)")
+        how = (f"bloomier t={row['t']} (~{row['expected_false_positives']:.0f} false positives)"
+               if record.codec == "bloomier" else f"{record.codec} (exact)")
+        self.measure(plan.name, f"encoded: {how}")
         self.retrain(self.recipe.retrain_epochs)
         self.measure(plan.name, "later layers retrained")
         return row
@@ -256,7 +270,7 @@ def sweep_t(source: Path, train_spec: str, test_spec: str, recipe: Recipe, layer
         loop.model = OnnxModel.from_proto(model.proto, source)
         loop.frozen = [name for name in loop.frozen if name != layer]
         encoded = loop.encode_layer(LayerPlan(layer, plans[layer].sparsity, plans[layer].clusters, t=t,
-                                              fp_bits=None))
+                                              fp_bits=None, codec="bloomier"))
         after = loop.steps[-1]
         rows.append({"t": t, "bits": encoded["bits"], "bytes": encoded["encoded_bytes"],
                      "bits_per_nonzero": encoded["bits_per_nonzero"],
