@@ -43,6 +43,7 @@ results: data
 # make build/demo/lenet-300-100.quant.onnx runs prune then quantize on the sample model.
 PRUNE_FLAGS ?= --sparsity 0.92 --sparsity 'fc3*=0.74'
 QUANT_FLAGS ?= --bits 5
+ENCODE_FLAGS ?= --fp-bits 8
 
 $(DEMO)/%.onnx: sample_models/%.onnx | $(STAMP)
 	@mkdir -p $(@D)
@@ -54,13 +55,26 @@ $(DEMO)/%.onnx: sample_models/%.onnx | $(STAMP)
 %.quant.onnx: %.pruned.onnx | $(STAMP)
 	$(WL) quantize $< -o $@ -f $(QUANT_FLAGS)
 
+%.wl: %.quant.onnx | $(STAMP)
+	$(WL) encode $< -o $@ -f $(ENCODE_FLAGS)
+
+%.decoded.onnx: %.wl | $(STAMP)
+	$(WL) decode $< -o $@ -f
+
+# The stages one by one on LeNet-300-100, then the whole Weightless loop with retraining.
 demo: data
 	@mkdir -p $(DEMO)
 	$(WL) inspect sample_models/lenet-300-100.onnx
-	$(MAKE) --no-print-directory $(DEMO)/lenet-300-100.quant.onnx
+	$(MAKE) --no-print-directory $(DEMO)/lenet-300-100.wl
 	$(WL) eval sample_models/lenet-300-100.onnx --data mnist
 	$(WL) eval $(DEMO)/lenet-300-100.pruned.onnx --data mnist --reference sample_models/lenet-300-100.onnx
 	$(WL) eval $(DEMO)/lenet-300-100.quant.onnx --data mnist --reference sample_models/lenet-300-100.onnx
+	$(WL) verify $(DEMO)/lenet-300-100.wl --reference $(DEMO)/lenet-300-100.quant.onnx
+	$(WL) decode-and-eval $(DEMO)/lenet-300-100.wl --data mnist --reference sample_models/lenet-300-100.onnx
+	$(WL) compress sample_models/lenet-300-100.onnx --data mnist --recipe recipes/lenet-300-100.toml \
+	    -o $(DEMO)/lenet-300-100.compressed.wl -f
+	$(WL) decode-and-eval $(DEMO)/lenet-300-100.compressed.wl --data mnist \
+	    --reference sample_models/lenet-300-100.onnx
 
 clean:
 	rm -rf build .pytest_cache .ruff_cache
