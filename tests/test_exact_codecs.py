@@ -9,6 +9,7 @@ BadInputError, or a valid index array).
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -351,3 +352,85 @@ def test_an_empty_tensor_cannot_ask_for_huge_bitmaps():
     params = dict.fromkeys(sparse.PARAM_NAMES, 0) | {"classes": 1, "dead_cols": 2**32 - 1}
     with pytest.raises(BadInputError, match="empty tensor"):
         sparse.decode(params, {"model": b"\0\0", "stream": b""}, (0, 2**32), 1)
+
+
+# --- the spec (docs/codecs/exact.md) -------------------------------------------------------------------------
+
+SPEC_MD = Path(__file__).resolve().parents[1] / "docs" / "codecs" / "exact.md"
+PRECISION = 24
+
+
+def spec_quantized(freqs: list[float]) -> list[tuple[int, int]]:
+    """(left cumulative, probability) of each symbol at 24 bits, as exact.md defines it."""
+    scale = float((1 << PRECISION) - len(freqs)) / sum(freqs)
+    lefts, cumulative = [], 0.0
+    for index, freq in enumerate(freqs):
+        lefts.append(int(cumulative * scale) + index)
+        cumulative += freq
+    lefts.append(1 << PRECISION)
+    return [(lefts[i], lefts[i + 1] - lefts[i]) for i in range(len(freqs))]
+
+
+def spec_ans_encode(items: list[tuple[int, int]]) -> bytes:
+    """exact.md's ANS encoder, one symbol at a time: ``items`` are (left, probability) in decode order."""
+    state, words = 0, []
+    for left, probability in reversed(items):
+        if state >> (64 - PRECISION) >= probability:
+            words.append(state & 0xFFFFFFFF)
+            state >>= 32
+        state = (state // probability) << PRECISION | (left + state % probability)
+    while state:
+        words.append(state & 0xFFFFFFFF)
+        state >>= 32
+    return b"".join(word.to_bytes(4, "little") for word in words)
+
+
+def spec_raw_items(values: list[int], widths: list[int]) -> list[tuple[int, int]]:
+    items = []
+    for shift in range(0, max(widths, default=0), 16):
+        for value, width in zip(values, widths, strict=True):
+            if width > shift:
+                bits = min(width - shift, 16)
+                items.append((((value >> shift) & ((1 << bits) - 1)) << (PRECISION - bits), 1 << (PRECISION - bits)))
+    return items
+
+
+@settings(max_examples=40, deadline=None)
+@given(freqs=st.lists(st.integers(0, 507904), min_size=2, max_size=40).filter(lambda f: sum(1 for x in f if x) > 1),
+       seed=st.integers(0, 2**32 - 1), raw=st.lists(st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 32)),
+                                                    max_size=20))
+def test_ans_stream_is_what_the_spec_says(freqs, seed, raw):
+    """An independent, one-symbol-at-a-time encoder written from exact.md gives constriction's bytes."""
+    rng = np.random.default_rng(seed)
+    used = [i for i, f in enumerate(freqs) if f]
+    symbols = rng.choice(used, size=int(rng.integers(1, 200)))
+    values = [value & ((1 << width) - 1) for value, width in raw]
+    widths = [width for _, width in raw]
+    writer = entropy.AnsWriter()
+    writer.symbols(symbols, np.array(freqs, dtype=np.float64))
+    writer.raw(np.array(values, dtype=np.int64), np.array(widths, dtype=np.int64))
+    model = spec_quantized([float(f) for f in freqs])
+    items = [model[s] for s in symbols] + spec_raw_items(values, widths)
+    assert writer.finish() == spec_ans_encode(items)
+
+
+def spec_example() -> str:
+    """The worked example of exact.md: a 4 x 6 tensor, three codebook values, every codec's output."""
+    values = np.zeros((4, 6), dtype=np.float32)
+    values[0, [1, 2, 5]] = [0.25, -0.5, 0.25]
+    values[2, [0, 1, 2, 4]] = [0.75, 0.25, 0.25, -0.5]
+    values[3, 5] = 0.25
+    code = sparse_code(values)
+    lines = []
+    for name, codec in CODECS.items():
+        params, sections = codec.encode(code, values.shape)
+        lines.append(f"{name}: params {', '.join(f'{key}={value}' for key, value in sorted(params.items()))}")
+        lines += [f"  {section:<8} {data.hex(' ') or '(empty)'}" for section, data in sorted(sections.items())]
+    return "\n".join(lines) + "\n"
+
+
+def test_exact_md_worked_example_matches_the_code():
+    text = SPEC_MD.read_text(encoding="utf-8")
+    match = re.search(r"<!-- exact-example:begin -->\n```text\n(.*?)```\n<!-- exact-example:end -->", text, re.S)
+    assert match, "docs/codecs/exact.md lost its worked example markers"
+    assert match.group(1) == spec_example()

@@ -174,10 +174,9 @@ def _plan(code: SparseCode, bits: int) -> tuple[int, np.ndarray, np.ndarray, np.
     relative, ids = relative_entries(code, bits)
     gap_lengths = code_lengths(np.bincount(relative, minlength=1 << bits))
     id_lengths = code_lengths(np.bincount(ids, minlength=code.k + 1))
-    stream_bits = sum(int((lengths[symbols]).sum()) for symbols, lengths in
-                      ((relative, gap_lengths), (ids, id_lengths)))
-    table_bytes = len(_lengths_section(gap_lengths, id_lengths))
-    return bits, relative, ids, gap_lengths, id_lengths, (stream_bits + 7) // 8 + 1 + table_bytes
+    stream_bytes = sum((int(lengths[symbols].sum()) + 7) // 8 for symbols, lengths in
+                       ((relative, gap_lengths), (ids, id_lengths)))
+    return bits, relative, ids, gap_lengths, id_lengths, stream_bytes + len(_lengths_section(gap_lengths, id_lengths))
 
 
 def _trim(lengths: np.ndarray) -> np.ndarray:
