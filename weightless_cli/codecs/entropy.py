@@ -131,7 +131,6 @@ def _byte_values() -> np.ndarray:
 # Frequency of each nibble of a nibble table: steps of x1.5 and x1.33 from 2 to 256 (0 = unused symbol).
 _NIBBLE_VALUES = np.array([0, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256], dtype=np.int64)
 _VALUES = {TABLE_BYTE: _byte_values(), TABLE_NIBBLE: _NIBBLE_VALUES}
-_LOGS = {kind: np.log2(np.maximum(values, 1).astype(np.float64)) for kind, values in _VALUES.items()}
 MAX_TABLE_SYMBOLS = 2**16  # a dense codebook index table: 65535 entries plus zero
 
 
@@ -148,14 +147,14 @@ class Table:
 
 
 def _quantize(counts: np.ndarray, kind: int) -> np.ndarray:
-    """Nearest (in log scale) stored code for each count, after scaling each row's largest to the top code."""
-    values, logs = _VALUES[kind], _LOGS[kind]
+    """Nearest stored code in log scale (x is nearer to a than to b when x² < a·b) for each count, after
+    scaling each row's largest to the top code. Only IEEE basic operations: the same codes on every machine."""
+    values = _VALUES[kind].astype(np.float64)
     peak = np.maximum(counts.max(axis=-1, keepdims=True), 1.0)
-    scaled = counts * np.minimum(1.0, float(values[-1]) / peak)
-    target = np.log2(np.maximum(scaled, 1.0))
-    upper = np.clip(np.searchsorted(logs[1:], target) + 1, 1, values.size - 1)
+    scaled = np.maximum(counts * np.minimum(1.0, values[-1] / peak), 1.0)
+    upper = np.clip(np.searchsorted(values[1:], scaled) + 1, 1, values.size - 1)  # first code >= scaled
     lower = np.maximum(upper - 1, 1)
-    codes = np.where(target - logs[lower] < logs[upper] - target, lower, upper)
+    codes = np.where(scaled * scaled < values[lower] * values[upper], lower, upper)
     return np.where(counts > 0, codes, 0)
 
 
