@@ -60,6 +60,16 @@ def decode_record(record: TensorRecord) -> np.ndarray:
     raise BadInputError(f"tensor {record.name!r}: codec {record.codec!r} cannot be decoded by this version")
 
 
+def _decode_named(record: TensorRecord, source: str | Path) -> np.ndarray:
+    """decode_record, with a codec's complaint prefixed by the file and the tensor."""
+    try:
+        return decode_record(record)
+    except BadInputError as exc:
+        where = f"tensor {record.name!r}: "
+        message = str(exc)
+        raise BadInputError(message if message.startswith(where) else where + message, source) from None
+
+
 def decode_blob(blob: Blob, source: str | Path) -> OnnxModel:
     """Rebuild the ONNX model a blob holds (in memory)."""
     proto = onnx.ModelProto()
@@ -76,7 +86,7 @@ def decode_blob(blob: Blob, source: str | Path) -> OnnxModel:
         if tensor.shape != record.shape or tensor.dtype != record.dtype:
             raise BadInputError(f"tensor {record.name!r}: record {record.shape} {record.dtype} does not match the "
                                 f"graph's {tensor.shape} {tensor.dtype}", source)
-        tensor.set_array(decode_record(record))
+        tensor.set_array(_decode_named(record, source))
     # Checks the graph without serialising the decoded values (a model may exceed 2 GiB).
     model.check("decoded model fails the ONNX checker")
     return model
