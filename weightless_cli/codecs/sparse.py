@@ -300,6 +300,13 @@ def _positions_in_lines(counts: np.ndarray, gaps: np.ndarray, length: int) -> tu
     return np.repeat(np.arange(counts.size), counts), within
 
 
+def _live_coordinates(mode: int, line: np.ndarray, within: np.ndarray, c_live: int) -> tuple[np.ndarray, np.ndarray]:
+    """(live row, live column) of each nonzero from its line and its offset in the line."""
+    if mode == MODE_FLAT:
+        return np.divmod(within, max(c_live, 1))
+    return (line, within) if mode == MODE_ROWS else (within, line)
+
+
 def decode(params: dict[str, int], sections: dict[str, bytes], shape: tuple[int, ...], k: int) -> np.ndarray:
     """One codebook index per position (length N, C order); K marks a zero. Corrupt input: BadInputError."""
     r, c = grid(shape)
@@ -332,9 +339,7 @@ def decode(params: dict[str, int], sections: dict[str, bytes], shape: tuple[int,
         gaps[which] = reader.bucketed(which.size, table, f"gap {cls}")
     ids = reader.symbols(n, id_table, "id")
     reader.finish()
-    line, within = _positions_in_lines(counts, gaps, length)
-    row, col = (within // max(c_live, 1), within % max(c_live, 1)) if mode == MODE_FLAT else (
-        (line, within) if mode == MODE_ROWS else (within, line))
+    row, col = _live_coordinates(mode, *_positions_in_lines(counts, gaps, length), c_live)
     row = row if live_rows is None else live_rows[row]
     col = col if live_cols is None else live_cols[col]
     out = np.full(n_positions, k, dtype=ids_dtype(k))
