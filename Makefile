@@ -34,6 +34,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench_kmeans.py
+	$(PY) bench/bench_sparse.py
 
 # Reproduce docs/RESULTS.md and results/*.wl (tens of minutes on 2 cores; not part of `make test`).
 results: data
