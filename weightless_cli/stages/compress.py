@@ -41,7 +41,7 @@ from weightless_cli.stages.encode import (
 from weightless_cli.stages.evaluate import evaluate, model_input_shape
 from weightless_cli.stages.prune import prune_array, sparsity_of
 from weightless_cli.stages.quantize import quantize_array
-from weightless_cli.stages.retrain import TrainSettings, retrain_model, teacher_logits
+from weightless_cli.stages.retrain import TrainSettings, retrain_model, teacher_logits, trainable_names
 
 
 @dataclass(frozen=True)
@@ -153,8 +153,8 @@ class _Loop:
     started: float = field(default_factory=time.perf_counter)
 
     def retrain(self, epochs: int) -> None:
-        if epochs <= 0:
-            return
+        if epochs <= 0 or not trainable_names(self.model, tuple(self.frozen))[0]:
+            return  # nothing asked, or every tensor is already encoded and frozen
         settings = TrainSettings(epochs=epochs, lr=self.recipe.lr, batch_size=self.recipe.batch_size,
                                  seed=self.recipe.seed + len(self.steps))
         retrain_model(self.model, self.train.x, self.train.y, tuple(self.frozen), settings, self.teacher)
@@ -183,10 +183,11 @@ class _Loop:
     def prepare_layer(self, plan: LayerPlan) -> None:
         """Prune gradually, cluster, retrain the centroids."""
         tensor = self.model.weight(plan.name)
-        for sparsity in gradual_sparsities(plan.sparsity, self.recipe.prune_steps):
-            tensor.set_array(prune_array(tensor.array(), sparsity))
-            self.retrain(self.recipe.prune_epochs)
-        self.measure(plan.name, f"pruned to {plan.sparsity:.1%}")
+        if plan.sparsity > 0:  # e.g. biases are only clustered
+            for sparsity in gradual_sparsities(plan.sparsity, self.recipe.prune_steps):
+                tensor.set_array(prune_array(tensor.array(), sparsity))
+                self.retrain(self.recipe.prune_epochs)
+            self.measure(plan.name, f"pruned to {plan.sparsity:.1%}")
         tensor.set_array(quantize_array(tensor.float_array(), plan.clusters))
         self.measure(plan.name, f"clustered to {plan.clusters}")
         self.retrain(self.recipe.centroid_epochs)
