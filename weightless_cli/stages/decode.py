@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import resource
 from pathlib import Path
 
 import ml_dtypes
@@ -13,7 +15,7 @@ from google.protobuf.message import DecodeError
 from weightless_cli.codecs import bloomier
 from weightless_cli.codecs.bitpack import unpack_bits
 from weightless_cli.codecs.clustered import values_from_ids
-from weightless_cli.codecs.container import Blob, TensorRecord, bytes_to_array, load_blob, raw_array
+from weightless_cli.codecs.container import DTYPES, Blob, TensorRecord, bytes_to_array, load_blob, raw_array
 from weightless_cli.errors import BadInputError
 from weightless_cli.model import OnnxModel
 from weightless_cli.stages.encode import EXACT_CODECS
@@ -60,6 +62,37 @@ def decode_record(record: TensorRecord) -> np.ndarray:
     raise BadInputError(f"tensor {record.name!r}: codec {record.codec!r} cannot be decoded by this version")
 
 
+def available_memory() -> int | None:
+    """Bytes this process can still allocate: MemAvailable, or less under an address-space
+    limit (ulimit -v); None when neither can be read."""
+    limits = []
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    limits.append(int(line.split()[1]) * 1024)
+        with open("/proc/self/statm") as statm:
+            in_use = int(statm.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft != resource.RLIM_INFINITY:
+            limits.append(soft - in_use)
+    except (OSError, ValueError, IndexError):
+        pass
+    return min(limits) if limits else None
+
+
+def check_decoded_size(blob: Blob, source: str | Path) -> None:
+    """Refuse, before allocating, a blob whose tensors (capped by the format at 2^32 values
+    each, but declared by a file of any size) will not fit in memory: decoding holds every
+    tensor plus about two copies of the largest while it works."""
+    sizes = [record.n_elements * DTYPES[record.dtype].itemsize for record in blob.tensors]
+    needed = sum(sizes) + 2 * max(sizes, default=0)
+    available = available_memory()
+    if available is not None and needed > available:
+        raise BadInputError(f"decoding needs about {needed / 2**30:.1f} GiB of memory for its {len(sizes)} "
+                            f"tensors, but only {max(available, 0) / 2**30:.1f} GiB is available", source)
+
+
 def _decode_named(record: TensorRecord, source: str | Path) -> np.ndarray:
     """decode_record, with a codec's complaint prefixed by the file and the tensor."""
     try:
@@ -78,6 +111,7 @@ def decode_blob(blob: Blob, source: str | Path) -> OnnxModel:
     except DecodeError:
         raise BadInputError("the graph section is not an ONNX model", source) from None
     model = OnnxModel.from_proto(proto, source)
+    check_decoded_size(blob, source)
     by_name = {tensor.name: tensor for tensor in model.weights}
     for record in blob.tensors:
         tensor = by_name.get(record.name)
