@@ -85,3 +85,26 @@ def test_retrain_command_keeps_frozen_and_zeros(capsys, tmp_path, mnist_cache):
     assert after.weight("fc1.weight").proto == before.weight("fc1.weight").proto
     w2_before, w2_after = before.weight("fc2.weight").array(), after.weight("fc2.weight").array()
     assert np.array_equal(w2_before == 0, w2_after == 0) and not np.array_equal(w2_before, w2_after)
+
+
+def test_recipe_covering_every_tensor_on_npz_data(capsys, tmp_path):
+    """Biases too, exact codecs, unlabelled-free npz data: the last layer leaves nothing to retrain."""
+    import numpy as np
+
+    from tests import onnx_factory as factory
+
+    src = factory.save(factory.mlp(sizes=(32, 24, 4)), tmp_path / "m.onnx")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.normal(size=(256, 32)).astype(np.float32), y=rng.integers(0, 4, 256))
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("prune_steps = 1\nbatch_size = 64\n" + "".join(
+        f"[[layer]]\nname = '{name}'\nsparsity = {sparsity}\nclusters = 4\ncodec = '{codec}'\n"
+        for name, sparsity, codec in [("fc1.weight", 0.5, "auto"), ("fc2.weight", 0.5, "sparse"),
+                                      ("fc1.bias", 0.0, "dense"), ("fc2.bias", 0.0, "auto")]))
+    blob = tmp_path / "m.wl"
+    result = run_cli(capsys, "compress", src, "--data", tmp_path / "d.npz", "--recipe", recipe, "-o", blob, "--json")
+    assert result.code == 0, result.err
+    codecs = {row["name"]: row["codec"] for row in result.json()["tensors"]}
+    assert "raw" not in codecs.values() and codecs["fc2.weight"] == "sparse"
+    assert not [row for row in result.json()["steps"] if row["layer"] == "fc1.bias" and "pruned" in row["step"]]
+    assert run_cli(capsys, "verify", blob).code == 0
