@@ -60,7 +60,7 @@ __all__ = [
 # 0x1A stops `type` on Windows consoles.
 MAGIC = b"\x89WLB\r\n\x1a\n"
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 1  # 1: codecs sparse, csr-huffman, dense
+FORMAT_MINOR = 1  # 1: codecs sparse, csr-huffman, dense, dpred, outlier, rowwise
 WRITER_KEY = "writer"
 
 _PREAMBLE = struct.Struct("<8sHHQ")  # magic, major, minor, file_length; a crc32 of these 20 bytes follows
@@ -205,6 +205,31 @@ def _csr_huffman_sizes(n_elements: int, itemsize: int, sizes: Mapping[str, int])
         _check_at_most(sizes, stream, 2 * n_elements)
 
 
+def _within(sizes: Mapping[str, int], limits: Mapping[str, int]) -> None:
+    for name, limit in limits.items():
+        if sizes[name] > limit:
+            raise _Invalid(f"{name} is {sizes[name]} bytes (at most {limit} for this tensor)")
+
+
+# dpred, outlier and rowwise (docs/codecs/{dpred,outlier,rowwise}.md): each section's most for n values.
+# Rice-coded positions take at most n bits of unary part, and their low bits at most 16 bits each.
+def _dpred_sizes(n_elements: int, itemsize: int, sizes: Mapping[str, int]) -> None:
+    _within(sizes, {"headers": n_elements // 32 + 2, "scales": max(n_elements, 1) * itemsize,
+                    "values": 2 * n_elements})
+
+
+def _outlier_sizes(n_elements: int, itemsize: int, sizes: Mapping[str, int]) -> None:
+    _within(sizes, {"codebook": min(n_elements, MAX_CODEBOOK_ENTRIES) * itemsize, "ids": 2 * n_elements,
+                    "gaps_high": n_elements // 8 + 1, "gaps_low": 2 * n_elements,
+                    "outliers": n_elements * itemsize})
+
+
+def _rowwise_sizes(n_elements: int, itemsize: int, sizes: Mapping[str, int]) -> None:
+    _within(sizes, {"biases": 2 * n_elements, "scales": 2 * n_elements, "ints": n_elements,
+                    "exc_high": n_elements // 8 + 1, "exc_low": 2 * n_elements,
+                    "exc_values": n_elements * itemsize})
+
+
 def _graph_sizes(n_elements: int, itemsize: int, sizes: Mapping[str, int]) -> None:
     if sizes["graph"] > MAX_GRAPH_BYTES:
         raise _Invalid(f"graph is {sizes['graph']} bytes (limit {MAX_GRAPH_BYTES})")
@@ -225,6 +250,14 @@ CODECS: dict[str, CodecSpec] = {
         _csr_huffman_sizes,
     ),
     "dense": CodecSpec(("codebook", "model", "stream"), frozenset({"model"}), frozenset(), _dense_sizes),
+    "dpred": CodecSpec(("headers", "scales", "values"), frozenset({"headers", "values"}),
+                       frozenset({"bits", "per_channel"}), _dpred_sizes),
+    "outlier": CodecSpec(("codebook", "gaps_high", "gaps_low", "ids", "outliers"),
+                         frozenset({"gaps_high", "gaps_low", "ids", "outliers"}),
+                         frozenset({"k", "outliers", "rice_k", "wide"}), _outlier_sizes),
+    "rowwise": CodecSpec(("biases", "exc_high", "exc_low", "exc_values", "ints", "scales"),
+                         frozenset({"biases", "exc_high", "exc_low", "exc_values", "ints", "scales"}),
+                         frozenset({"bits", "exceptions", "rice_k"}), _rowwise_sizes),
 }
 _BLOB_SECTIONS = CodecSpec(("graph",), frozenset({"graph"}), frozenset(), _graph_sizes)
 
