@@ -31,7 +31,7 @@ from typing import BinaryIO
 
 import numpy as np
 import onnx
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 from onnx import TensorProto, numpy_helper
 from onnx.external_data_helper import uses_external_data
 
@@ -350,6 +350,7 @@ class OnnxModel:
     @classmethod
     def from_proto(cls, proto: onnx.ModelProto, path: str | os.PathLike) -> OnnxModel:
         """Wrap an in-memory model (e.g. the graph of a blob); ``path`` names it in messages."""
+        _check_text(proto, path)
         return cls(path, proto, False, list(_find_weights(proto.graph)))
 
     @classmethod
@@ -359,6 +360,7 @@ class OnnxModel:
         proto = _parse_model(path)
         if not proto.HasField("graph") or not proto.opset_import:
             raise BadInputError("not an ONNX model (no graph or opset)", path)
+        _check_text(proto, path)
         external = [t for t in _all_tensors(proto.graph) if uses_external_data(t)]
         _check_readable({external_slice(t, path.parent, path).file for t in external}, path)
         model = cls(path, proto, bool(external), list(_find_weights(proto.graph, data_dir=path.parent)), path.parent)
@@ -549,6 +551,21 @@ def _make_stand_in(tensor: TensorProto) -> None:
         tensor.dims[0] = 0
     else:
         tensor.raw_data = bytes(_ITEMSIZE.get(tensor.data_type, 1))
+
+
+def _check_text(message: Message, path: str | os.PathLike) -> None:
+    """Every string field must be text. Protobuf parses invalid UTF-8 in them without a word and
+    hands it out as bytes, which would break every name lookup (and the ONNX checker) later."""
+    stack = [message]
+    while stack:
+        current = stack.pop()
+        for descriptor, value in current.ListFields():
+            if descriptor.type == descriptor.TYPE_MESSAGE:
+                stack.extend([value] if isinstance(value, Message) else value)
+            elif descriptor.type == descriptor.TYPE_STRING and not all(
+                    isinstance(text, str) for text in ([value] if isinstance(value, str | bytes) else value)):
+                raise BadInputError(f"not a valid ONNX model: a {current.DESCRIPTOR.name}.{descriptor.name} "
+                                    "is not UTF-8 text", path)
 
 
 def _parse_model(path: Path) -> onnx.ModelProto:
