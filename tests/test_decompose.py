@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from tests.onnx_factory import constant_node_model, shared_initializer_model
+from tests.onnx_factory import constant_node_model, mlp, shared_initializer_model
 from weightless_cli.errors import UsageError
 from weightless_cli.model import OnnxModel, Selection
 from weightless_cli.stages.decompose import (
@@ -226,7 +226,21 @@ def test_layers_that_cannot_or_should_not_be_decomposed_are_left_with_a_reason()
     assert not rows[0]["decomposed"] and "no saving" in rows[0]["reason"]
 
     _, rows = decompose_model(dense, ["conv1.bias"], RankSpec("rank", 1))
-    assert not rows[0]["decomposed"] and "not as its kernel" in rows[0]["reason"]
+    assert not rows[0]["decomposed"] and "input 2, not as its kernel" in rows[0]["reason"]
+
+
+def test_float16_weights_stay_float16():
+    model = mlp((32, 24, 10), dtype=np.float16)
+    result, rows = decompose_model(model, ["fc1.weight"], RankSpec("rank", 4))
+    assert rows[0]["decomposed"] and rows[0]["ranks"] == [4]
+    factors = {name: w for name, w in _weights(result).items() if ".svd_" in name}
+    assert {w.dtype for w in factors.values()} == {np.dtype(np.float16)} and len(factors) == 2
+    x = np.random.default_rng(30).normal(size=(3, 32)).astype(np.float16)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    out = ort.InferenceSession(result.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(
+        None, {"input": x})[0]
+    assert out.shape == (3, 10) and out.dtype == np.float16
 
 
 def test_gemm_before_opset_11_is_skipped():

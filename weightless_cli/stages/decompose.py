@@ -364,7 +364,7 @@ _MAC_OPS = {"Conv": _conv_macs, "ConvTranspose": _conv_transpose_macs, "Gemm": _
 
 @dataclass
 class _Replacement:
-    """What replaces one node: new nodes (in order), new initializers, and the report row."""
+    """What replaces one node: new nodes (in order), their new initializers, and what to report."""
 
     nodes: list[onnx.NodeProto]
     initializers: list[onnx.TensorProto]
@@ -378,8 +378,7 @@ class _Graph:
     """Lookups over a main graph that the rewrite needs."""
 
     model: onnx.ModelProto
-    values: dict[str, np.ndarray] = field(default_factory=dict)  # constant tensors by name
-    dtypes: dict[str, int] = field(default_factory=dict)
+    stored: dict[str, onnx.TensorProto] = field(default_factory=dict)  # initializers and Constant values
     readers: dict[str, list[tuple[int, int]]] = field(default_factory=lambda: defaultdict(list))
     outer_readers: set[str] = field(default_factory=set)  # read from a subgraph or a graph output
     taken: set[str] = field(default_factory=set)  # every name in use, so new ones never clash
@@ -388,14 +387,12 @@ class _Graph:
     def of(cls, model: onnx.ModelProto) -> _Graph:
         graph = cls(model)
         g = model.graph
-        for init in g.initializer:
-            graph.values[init.name], graph.dtypes[init.name] = numpy_helper.to_array(init), init.data_type
+        graph.stored.update((init.name, init) for init in g.initializer)
         for index, node in enumerate(g.node):
             if node.op_type == "Constant" and node.domain in _DEFAULT_DOMAINS:
                 for attr in node.attribute:
                     if attr.name == "value":
-                        graph.values[node.output[0]] = numpy_helper.to_array(attr.t)
-                        graph.dtypes[node.output[0]] = attr.t.data_type
+                        graph.stored[node.output[0]] = attr.t
             for position, name in enumerate(node.input):
                 graph.readers[name].append((index, position))
             for attr in node.attribute:
@@ -414,9 +411,13 @@ class _Graph:
         self.taken.add(candidate)
         return candidate
 
+    def value(self, name: str) -> np.ndarray:
+        """A stored tensor's values (converted only when a layer is planned: models can be big)."""
+        return numpy_helper.to_array(self.stored[name])
+
     def tensor(self, values: np.ndarray, name: str, like: str) -> onnx.TensorProto:
         """An initializer holding ``values`` in the dtype of tensor ``like``."""
-        dtype = helper.tensor_dtype_to_np_dtype(self.dtypes[like])
+        dtype = helper.tensor_dtype_to_np_dtype(self.stored[like].data_type)
         return numpy_helper.from_array(np.asarray(values).astype(dtype), self.fresh(name))
 
 
@@ -444,7 +445,7 @@ class _Skip(Exception):
 
 def _plan(graph: _Graph, name: str, spec: RankSpec) -> tuple[int, _Replacement | None, str]:
     """(node index, replacement or None, reason) for weight ``name``."""
-    if name not in graph.values:
+    if name not in graph.stored:
         raise _Skip("not a main-graph initializer or Constant (inside a subgraph?)")
     readers = graph.readers.get(name, [])
     if name in graph.outer_readers or len(readers) != 1:
@@ -461,11 +462,11 @@ def _plan(graph: _Graph, name: str, spec: RankSpec) -> tuple[int, _Replacement |
 
 def _plan_conv(graph: _Graph, node: onnx.NodeProto, position: int, name: str, spec: RankSpec) -> _Replacement:
     if position != 1:
-        raise _Skip("Conv reads it as data, not as its kernel")
+        raise _Skip(f"Conv reads it as input {position}, not as its kernel")
     attrs = _attrs(node)
     if attrs.get("group", 1) != 1:
         raise _Skip("grouped convolution")
-    kernel = graph.values[name]
+    kernel = graph.value(name)
     if kernel.ndim < 3:
         raise _Skip(f"kernel of shape {list(kernel.shape)}")
     if math.prod(kernel.shape[2:]) == 1:
@@ -519,7 +520,7 @@ def _plan_gemm(graph: _Graph, node: onnx.NodeProto, position: int, name: str, sp
         raise _Skip("Gemm before opset 11 needs a bias on every product")
     attrs = _attrs(node)
     trans_a, trans_b = attrs.get("transA", 0), attrs.get("transB", 0)
-    weight = graph.values[name]
+    weight = graph.value(name)
     matrix = weight.T if trans_b else weight  # the [K, N] operand of A'·B'
     rank = spec.choose(matrix)
     first, second = svd_factors(matrix, rank)
@@ -538,7 +539,7 @@ def _plan_gemm(graph: _Graph, node: onnx.NodeProto, position: int, name: str, sp
 
 
 def _plan_matmul(graph: _Graph, node: onnx.NodeProto, position: int, name: str, spec: RankSpec) -> _Replacement:
-    weight = graph.values[name]
+    weight = graph.value(name)
     if weight.ndim != 2:
         raise _Skip(f"MatMul weight of shape {list(weight.shape)} (only 2-D is decomposed)")
     rank = spec.choose(weight)
@@ -577,8 +578,8 @@ def decompose_model(model: onnx.ModelProto, names: Sequence[str], spec: RankSpec
     replacements: dict[int, tuple[str, _Replacement]] = {}
     skipped: list[dict] = []
     for name in names:
-        row = {"tensor": name, "shape": list(graph.values[name].shape) if name in graph.values else None,
-               "params_before": int(graph.values[name].size) if name in graph.values else None}
+        dims = [int(d) for d in graph.stored[name].dims] if name in graph.stored else None
+        row = {"tensor": name, "shape": dims, "params_before": None if dims is None else math.prod(dims)}
         try:
             index, replacement = _plan(graph, name, spec)
         except _Skip as reason:
@@ -642,12 +643,21 @@ def _fill_macs(before: onnx.ModelProto, after: onnx.ModelProto, rows: dict[int, 
     assert position == len(after.graph.node), "rewrite and MAC bookkeeping disagree"
 
 
-def check_model(model: onnx.ModelProto, path: object) -> None:
-    """The rewritten graph must pass the ONNX checker with strict shape inference."""
+def passes_full_check(model: onnx.ModelProto) -> bool:
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError):
+        return False
+    return True
+
+
+def check_model(model: onnx.ModelProto, path: object, full_check: bool = True) -> None:
+    """The rewritten graph must pass the ONNX checker, with strict shape inference when
+    ``full_check`` (the caller asks for it when the original graph passed it too)."""
     if model.ByteSize() > PROTOBUF_LIMIT:
         return  # the checker cannot serialise it
     try:
-        onnx.checker.check_model(model, full_check=True)
+        onnx.checker.check_model(model, full_check=full_check)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
         raise BadInputError(f"the decomposed graph fails the ONNX checker: {first_line}", path) from None
@@ -711,7 +721,7 @@ def decompose_file(source: Path, target: Path, selection: Selection, rank_spec: 
     model = OnnxModel.load(source)
     names = [t.name for t in selection.apply(model)]
     proto, layers = decompose_model(model.proto, names, rank_spec)
-    check_model(proto, target)
+    check_model(proto, target, full_check=model.proto.ByteSize() <= PROTOBUF_LIMIT and passes_full_check(model.proto))
     result = OnnxModel.from_proto(proto, target)
     result.used_external_data = model.used_external_data
     result.save(target)
