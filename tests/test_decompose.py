@@ -229,6 +229,15 @@ def test_layers_that_cannot_or_should_not_be_decomposed_are_left_with_a_reason()
     assert not rows[0]["decomposed"] and "input 2, not as its kernel" in rows[0]["reason"]
 
 
+def test_report_rows_have_the_same_keys_in_the_order_asked():
+    kernel = _tucker_kernel(16, 12, 3, 2, 2, seed=31)
+    _, rows = decompose_model(conv_model(kernel), ["conv1.bias", "conv1.weight", "nothing"], RankSpec("rank", 2))
+    assert [r["tensor"] for r in rows] == ["conv1.bias", "conv1.weight", "nothing"]
+    assert [r["decomposed"] for r in rows] == [False, True, False]
+    assert len({tuple(sorted(r)) for r in rows}) == 1
+    assert rows[1]["macs_before"] == 16 * 9 * 9 * 12 * 9 and rows[0]["node"] == "conv1" and rows[2]["node"] is None
+
+
 def test_float16_weights_stay_float16():
     model = mlp((32, 24, 10), dtype=np.float16)
     result, rows = decompose_model(model, ["fc1.weight"], RankSpec("rank", 4))

@@ -571,36 +571,44 @@ def _opset(model: onnx.ModelProto) -> int:
 def decompose_model(model: onnx.ModelProto, names: Sequence[str], spec: RankSpec, *,
                     only_if_smaller: bool = True) -> tuple[onnx.ModelProto, list[dict]]:
     """A copy of ``model`` with the layers reading the weights ``names`` decomposed, and one
-    report row per name (decomposed or not, and why not). ``only_if_smaller=False`` also
-    replaces layers whose factors are not smaller (for exactness checks at full rank)."""
+    report row per name, in the order given: decomposed or not, and why not. Every row has
+    the same keys (None where unknown). ``only_if_smaller=False`` also replaces layers whose
+    factors are not smaller (for exactness checks at full rank)."""
     graph = _Graph.of(model)
-    rows: dict[int, dict] = {}
+    rows = [_layer_row(graph, name) for name in names]
     replacements: dict[int, tuple[str, _Replacement]] = {}
-    skipped: list[dict] = []
-    for name in names:
-        dims = [int(d) for d in graph.stored[name].dims] if name in graph.stored else None
-        row = {"tensor": name, "shape": dims, "params_before": None if dims is None else math.prod(dims)}
+    replaced_rows: dict[int, dict] = {}
+    for row in rows:
         try:
-            index, replacement = _plan(graph, name, spec)
+            index, replacement = _plan(graph, row["tensor"], spec)
         except _Skip as reason:
-            skipped.append({**row, "decomposed": False, "reason": str(reason)})
+            row["reason"] = str(reason)
             continue
-        node = model.graph.node[index]
         if index in replacements:
-            skipped.append({**row, "decomposed": False, "reason": f"its layer {_node_id(node)!r} is already decomposed"})
+            row["reason"] = f"its layer {row['node']!r} is already decomposed"
             continue
-        row.update(node=_node_id(node), op=node.op_type, kind=replacement.kind, ranks=replacement.ranks,
-                   params_after=replacement.params_after)
+        row.update(kind=replacement.kind, ranks=replacement.ranks, params_after=replacement.params_after)
         if only_if_smaller and replacement.params_after >= row["params_before"]:
-            skipped.append({**row, "decomposed": False,
-                            "reason": f"no saving at rank {replacement.ranks} ({replacement.params_after:,} params "
-                                      f"vs {row['params_before']:,})"})
+            row["reason"] = (f"no saving at rank {replacement.ranks} ({replacement.params_after:,} params "
+                             f"vs {row['params_before']:,})")
             continue
-        rows[index], replacements[index] = row, (name, replacement)
+        row["decomposed"] = True
+        replacements[index], replaced_rows[index] = (row["tensor"], replacement), row
     result = _rewrite(model, replacements)
-    _fill_macs(model, result, rows, replacements)
-    decomposed = [{**rows[i], "decomposed": True, "reason": ""} for i in sorted(rows)]
-    return result, decomposed + skipped
+    _fill_macs(model, result, replaced_rows, replacements)
+    return result, rows
+
+
+def _layer_row(graph: _Graph, name: str) -> dict:
+    """The report row of one weight before planning: what is known from the graph alone."""
+    stored = graph.stored.get(name)
+    dims = None if stored is None else [int(d) for d in stored.dims]
+    readers = graph.readers.get(name, [])
+    node = graph.model.graph.node[readers[0][0]] if len(readers) == 1 else None
+    return {"tensor": name, "node": None if node is None else _node_id(node),
+            "op": None if node is None else node.op_type, "shape": dims, "kind": None, "ranks": None,
+            "params_before": None if dims is None else math.prod(dims), "params_after": None,
+            "macs_before": None, "macs_after": None, "decomposed": False, "reason": ""}
 
 
 def _rewrite(model: onnx.ModelProto, replacements: dict[int, tuple[str, _Replacement]]) -> onnx.ModelProto:
