@@ -139,7 +139,10 @@ def quantize_file(source: Path, target: Path, selection: Selection, clusters: Pe
     """Load ``source``, cluster the selected tensors, write ``target``; return the report."""
     model = OnnxModel.load(source)
     tensors = selection.apply(model)
-    report = quantize_tensors(tensors, {t.name: clusters.for_name(t.name) for t in tensors})
+    try:
+        report = quantize_tensors(tensors, {t.name: clusters.for_name(t.name) for t in tensors})
+    except UsageError as exc:  # name the file too: the tensor alone may be ambiguous in a pipeline
+        raise UsageError(str(exc), source) from None
     model.save(target)
     return {"input": str(source), "output": str(target), "warnings": model_warnings(model),
             "tensors": [r.to_dict() for r in report]}
