@@ -45,13 +45,19 @@ def step_logger(name: str):
     return show
 
 
+def model_of(name: str) -> str:
+    """recipes/lenet5.toml and recipes/lenet5.bloomier.toml both compress sample_models/lenet5.onnx."""
+    return name.split(".")[0]
+
+
 def run_recipe(recipe_path: Path) -> dict:
     name = recipe_path.stem
     recipe = load_recipe(recipe_path)
-    log(f"compress {name} with {recipe_path.relative_to(ROOT)}")
-    report = compress_file(ROOT / "sample_models" / f"{name}.onnx", RESULTS / f"{name}.wl", "mnist:train",
-                           "mnist:test", recipe, step_logger(name))
+    log(f"compress {model_of(name)} with {recipe_path.relative_to(ROOT)}")
+    report = compress_file(ROOT / "sample_models" / f"{model_of(name)}.onnx", RESULTS / f"{name}.wl",
+                           "mnist:train", "mnist:test", recipe, step_logger(name))
     report["recipe_text"] = recipe_path.read_text()
+    report["recipe_description"] = recipe.description
     (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
     return report
 
@@ -62,8 +68,8 @@ def pct(value: float) -> str:
 
 def model_section(name: str, report: dict) -> list[str]:
     file = report["file"]
-    lines = [f"### {name}", "",
-             f"`weightless compress sample_models/{name}.onnx --data mnist --recipe recipes/{name}.toml "
+    lines = [f"### {name}", "", f"> {report['recipe_description']}", "",
+             f"`weightless compress sample_models/{model_of(name)}.onnx --data mnist --recipe recipes/{name}.toml "
              f"-o results/{name}.wl` — {report['seconds']:.0f} s on this machine.", "",
              f"- **Blob: {file['blob_bytes']:,} bytes, {file['ratio']:.1f}× smaller than the fp32 ONNX file "
              f"({file['input_bytes']:,} bytes).** Encoded weights alone: "
@@ -91,10 +97,16 @@ def model_section(name: str, report: dict) -> list[str]:
 
 def comparison_table(reports: dict[str, dict]) -> list[str]:
     lines = ["| model | method | compression | test error |", "| --- | --- | ---: | ---: |"]
+    shown = set()
     for name, report in reports.items():
-        for method, ratio, error in PUBLISHED.get(name, []):
-            lines.append(f"| {name} | {method}, published | {ratio} | {error} |")
-        lines.append(f"| {name} | **weightless `compress` (this tool, measured)** | "
+        model = model_of(name)
+        if model not in shown:
+            shown.add(model)
+            lines.append(f"| {model} | original (fp32 ONNX) | 1× | {pct(report['error_before'])} |")
+            for method, ratio, error in PUBLISHED.get(model, []):
+                lines.append(f"| {model} | {method}, published | {ratio} | {error} |")
+        codecs = sorted({row["codec"] for row in report["tensors"] if row["codec"] != "raw"})
+        lines.append(f"| {model} | **this tool: `compress --recipe recipes/{name}.toml`** ({', '.join(codecs)}) | "
                      f"**{report['file']['ratio']:.1f}×** | **{pct(report['error_after'])}** |")
     return lines + ["", "Published ratios count the weights' storage; ours are the whole blob (graph, biases, "
                     "headers and checksums included) against the whole fp32 ONNX file.", ""]
