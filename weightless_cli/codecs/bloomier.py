@@ -107,23 +107,25 @@ def _bucket(n_keys: int, table_size: int) -> int:
     return min(max(n_keys, 1).bit_length(), table_size - 1)
 
 
-# Sizes measured by ``bench/bench_bloomier.py --sizing-study``: for the smallest n of each
-# bucket, the fewest cells (per layout and segment length) with which at least 90% of
-# seeds peel. Factors are cells per key in units of 1/65536, indexed by n.bit_length().
+# Sizes measured by ``bench/bench_bloomier.py --sizing-study``: at both ends of each bucket,
+# the fewest cells (per layout and segment length) with which at least 90% of seeds peel;
+# the larger of the two. Factors are cells per key in units of 1/65536; index = n.bit_length().
 _FACTOR_ONE = 1 << 16
+# fmt: off
 _CLASSIC_FACTOR = [
     196608, 196608, 196608, 196608, 172032, 135168, 116736, 95232, 89088, 86016,  # b = 0..9
-    83328, 82944, 81600, 81168, 80760, 80568, 80610, 80418, 80426, 80228,  # b = 10..19
-    80229, 80230,  # b = 20, 21; classic is never the smaller layout beyond
+    83328, 82944, 81600, 81168, 80760, 80607, 80610, 80427, 80426, 80229,  # b = 10..19
+    80230, 80230,  # b = 20, 21; classic is never the smaller layout beyond
 ]
 _FUSE_SIZING = [  # (log2 segment length, factor)
     (1, 393216), (1, 393216), (1, 262144), (2, 196608), (3, 196608),  # b = 0..4
-    (3, 131072), (4, 131072), (4, 114688), (6, 98304), (7, 98304),  # b = 5..9
-    (6, 90112), (6, 94208), (8, 90112), (8, 86016), (9, 81920),  # b = 10..14
-    (9, 79872), (9, 78848), (10, 76800), (11, 75776), (11, 75264),  # b = 15..19
+    (3, 186037), (4, 131072), (5, 131072), (6, 98689), (6, 98304),  # b = 5..9
+    (6, 94300), (8, 98304), (8, 90112), (8, 86016), (9, 81920),  # b = 10..14
+    (9, 79872), (10, 79872), (10, 76800), (11, 75776), (11, 75264),  # b = 15..19
     (13, 74752), (13, 74240), (13, 73472), (14, 72960), (15, 72704),  # b = 20..24
     (16, 72704), (17, 72704), (18, 72704),  # b = 25..27: extrapolated, same segment count
 ]
+# fmt: on
 
 
 def choose_layout(n_keys: int) -> Layout:
@@ -260,11 +262,15 @@ class BloomierTable:
             raise ValueError(f"out must be a ({count},) {self._cells.dtype} array")
 
         def fill(buffers: _QueryBuffers, start: int, stop: int) -> None:
-            hashes = position_hash_range(start, stop - start, self.seed, buffers.hashes, buffers.scratch, buffers.ramp)
-            self._answer(hashes, out[start:stop], buffers)
+            self._answer_range(start, stop, out[start:stop], buffers)
 
         self._run_chunks(count, fill, threads)
         return out
+
+    def _answer_range(self, start: int, stop: int, out: np.ndarray, buffers: _QueryBuffers) -> None:
+        """Answers for the consecutive positions ``start .. stop-1``, written to ``out``."""
+        hashes = position_hash_range(start, stop - start, self.seed, buffers.hashes, buffers.scratch, buffers.ramp)
+        self._answer(hashes, out, buffers)
 
     def _answer(self, hashes: np.ndarray, out: np.ndarray, buffers: _QueryBuffers) -> None:
         """XOR of the three cells and the mask for each hash, written to ``out``."""
@@ -558,8 +564,15 @@ def decode_ids(table: BloomierTable, n_positions: int, k: int, threads: int | No
     or use :func:`decode_values` to skip the index array.
     """
     _check_decode(table, n_positions, k)
-    ids = table.query_all(n_positions, threads)
-    np.minimum(ids, ids.dtype.type(k), out=ids)
+    ids = np.empty(n_positions, dtype=table._cells.dtype)
+    zero = ids.dtype.type(k)
+
+    def fill(buffers: _QueryBuffers, start: int, stop: int) -> None:
+        chunk = ids[start:stop]
+        table._answer_range(start, stop, chunk, buffers)
+        np.minimum(chunk, zero, out=chunk)  # while the chunk is still in cache
+
+    table._run_chunks(n_positions, fill, threads)
     return ids
 
 
@@ -586,9 +599,8 @@ def decode_values(
         raise ValueError(f"out must be a ({n_positions},) {codebook.dtype} array")
 
     def fill(buffers: _QueryBuffers, start: int, stop: int) -> None:
-        hashes = position_hash_range(start, stop - start, table.seed, buffers.hashes, buffers.scratch, buffers.ramp)
         answers = buffers.answers[: stop - start]
-        table._answer(hashes, answers, buffers)
+        table._answer_range(start, stop, answers, buffers)
         np.take(lookup, answers, out=out[start:stop], mode="wrap")
 
     table._run_chunks(n_positions, fill, threads)
