@@ -443,8 +443,9 @@ class _Skip(Exception):
     """This layer is left as it is, for the reason given."""
 
 
-def _plan(graph: _Graph, name: str, spec: RankSpec) -> tuple[int, _Replacement | None, str]:
-    """(node index, replacement or None, reason) for weight ``name``."""
+def _plan(graph: _Graph, name: str, spec: RankSpec) -> tuple[int, _Replacement]:
+    """(index of the node that reads weight ``name``, what replaces it); raises _Skip with
+    the reason when that layer cannot be decomposed."""
     if name not in graph.stored:
         raise _Skip("not a main-graph initializer or Constant (inside a subgraph?)")
     readers = graph.readers.get(name, [])
