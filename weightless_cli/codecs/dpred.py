@@ -54,6 +54,7 @@ PARAM_NAMES = ("bits", "per_channel")
 SECTIONS = ("headers", "scales", "values")
 _CHUNK = 1 << 20  # values per pass (a multiple of GROUP), so temporaries stay near 100 MiB
 _CANDIDATE_STEPS = (0, -1, 1, -2, 2)  # ulps around the rule's scale tried by the grid search
+_PREFIX = 256  # values of a row a candidate scale must reproduce before the whole row is checked
 
 
 # --- float helpers shared by the fixed-point codecs ----------------------------------------------------------
@@ -214,14 +215,23 @@ def _fit_rows(rows: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray, np.
         candidates = [_step(rule, ulps, dtype) for ulps in _CANDIDATE_STEPS]
         for scale in candidates:
             open_ = ~found[todo]
-            if not open_.any():
-                break
+            # Most wrong candidates fail within the first values: check those before whole rows.
+            open_[open_] = _reproduces(wide[todo[open_], :_PREFIX], want[todo[open_], :_PREFIX], scale[open_],
+                                       bits, dtype)
             rows_idx = todo[open_]
+            if not rows_idx.size:
+                continue
             q = _integers(wide[rows_idx], scale[open_], _qmax(bits))
             same = (bit_patterns(dequantize(q, scale[open_], dtype)) == want[rows_idx]).all(axis=1)
             hit = rows_idx[same]
             ints[hit], scales[hit], found[hit] = q[same], scale[open_][same], True
     return ints, scales, found
+
+
+def _reproduces(rows: np.ndarray, want: np.ndarray, scales: np.ndarray, bits: int, dtype: str) -> np.ndarray:
+    """Which rows (float64, with their wanted bit patterns) the scales reproduce exactly."""
+    q = _integers(rows, scales, _qmax(bits))
+    return (bit_patterns(dequantize(q, scales, dtype)) == want).all(axis=1)
 
 
 def fit_grid(values: np.ndarray, per_channel: bool | None = None) -> FixedPoint:

@@ -148,35 +148,32 @@ def _layout(values: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.n
 
     The rule applied to a quantized row gives back its grid when the bottom level is in use. When it is
     not (the row minimum sat more than s/2 above its float16 bias), the row's smallest value rounds down
-    to the float16 above or below the true bias, so those two are tried next.
+    to the float16 above or below the true bias, so for rows the rule does not reproduce those two are
+    tried next.
     """
     dtype, top = dtype_of(values), _levels(bits)
-    flat = values.reshape(-1)
-    rows = as_rows(flat, rows_of(values.shape))
+    rows = as_rows(values.reshape(-1), rows_of(values.shape))
     wide, want = rows.astype(np.float64), bit_patterns(rows)
     lowest, highest = _row_ranges(wide)
-    rule = _round_down_half(lowest)
-    ints = np.zeros(wide.shape, dtype=np.int64)
-    scales, biases = np.zeros(rows.shape[0]), rule.copy()
-    todo = np.arange(rows.shape[0])
-    half = rule.astype(np.float16)
-    for candidate in (rule, np.nextafter(half, np.float16(-np.inf)), np.nextafter(half, np.float16(np.inf))):
-        bias = np.asarray(candidate, dtype=np.float64)[todo]
-        ok_bias = np.isfinite(bias) & (bias <= lowest[todo])
-        sub, bias = todo[ok_bias], bias[ok_bias]
-        if not sub.size:
-            continue
-        scale = _scales_for(bias, highest[sub], top, dtype)
-        q = _nearest_levels(wide[sub], scale, bias, top)
-        exact = (bit_patterns(dequantize(q, scale, bias, dtype)) == want[sub]).all(axis=1)
-        first = todo.size == rows.shape[0]
-        keep = np.ones(sub.size, dtype=bool) if first else exact  # the rule's grid is the default
-        ints[sub[keep]], scales[sub[keep]], biases[sub[keep]] = q[keep], scale[keep], bias[keep]
-        todo = np.setdiff1d(todo, sub[exact])
+    biases = _round_down_half(lowest)
+    scales = _scales_for(biases, highest, top, dtype)
+    ints = _nearest_levels(wide, scales, biases, top)
+    off = bit_patterns(dequantize(ints, scales, biases, dtype)) != want
+    redo = off.any(axis=1)
+    half = biases.astype(np.float16)
+    for neighbour in (np.nextafter(half, np.float16(-np.inf)), np.nextafter(half, np.float16(np.inf))):
+        bias = neighbour.astype(np.float64)
+        todo = np.flatnonzero(redo & np.isfinite(bias) & (bias <= lowest))
         if not todo.size:
-            break
-    rebuilt = dequantize(ints, scales, biases, dtype).reshape(-1)
-    return ints, scales, biases, np.flatnonzero(bit_patterns(rebuilt) != bit_patterns(flat))
+            continue
+        bias = bias[todo]
+        scale = _scales_for(bias, highest[todo], top, dtype)
+        q = _nearest_levels(wide[todo], scale, bias, top)
+        exact = (bit_patterns(dequantize(q, scale, bias, dtype)) == want[todo]).all(axis=1)
+        fixed = todo[exact]
+        ints[fixed], scales[fixed], biases[fixed] = q[exact], scale[exact], bias[exact]
+        off[fixed], redo[fixed] = False, False
+    return ints, scales, biases, np.flatnonzero(off.reshape(-1))
 
 
 def _estimated_bits(n_values: int, bits: int, exceptions: int, itemsize: int) -> float:
@@ -184,19 +181,47 @@ def _estimated_bits(n_values: int, bits: int, exceptions: int, itemsize: int) ->
     return n_values * bits + exceptions * (8 * itemsize + gap_bits)
 
 
-def encode_bits(values: np.ndarray) -> int:
-    """The integer width (1..8) at which ``values`` store smallest (few exceptions, fewest bits)."""
-    values = np.asarray(values)
+def _sizes_by_width(values: np.ndarray, widths: range) -> dict[int, float]:
+    """Estimated size at each width, stopping at the first without exceptions (wider ones only cost more)."""
     sizes = {}
-    for bits in range(1, MAX_BITS + 1):
+    for bits in widths:
         try:
             exceptions = _layout(values, bits)[3].size
         except UsageError:
             continue
         sizes[bits] = _estimated_bits(values.size, bits, exceptions, values.dtype.itemsize)
+        if not exceptions:
+            break
+    return sizes
+
+
+Layout = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # ints, scales, biases, exception positions
+
+
+def _choose_width(values: np.ndarray) -> tuple[int, Layout]:
+    rows = as_rows(values.reshape(-1), rows_of(values.shape))
+    ordered = np.sort(rows.astype(np.float64), axis=1)
+    distinct = int((1 + (ordered[:, 1:] != ordered[:, :-1]).sum(axis=1)).max(initial=1)) if rows.size else 1
+    widths = range(min(max(1, (distinct - 1).bit_length()), MAX_BITS), MAX_BITS + 1)
+    sample = _sizes_by_width(rows[:: max(1, rows.shape[0] // 1024)], widths)
+    if sample:
+        layout = _layout(values, max(sample))
+        if not layout[3].size:  # the sample stopped at its first width without exceptions, and so does the table
+            return max(sample), layout
+    sizes = _sizes_by_width(values, widths)
     if not sizes:
         raise UsageError(f"values beyond ±{FLOAT16_MAX:g} cannot be stored row-wise (float16 scale and bias)")
-    return min(sizes, key=lambda bits: (sizes[bits], bits))
+    bits = min(sizes, key=lambda width: (sizes[width], width))
+    return bits, _layout(values, bits)
+
+
+def encode_bits(values: np.ndarray) -> int:
+    """The integer width (1..8) at which ``values`` store smallest: normally the one without exceptions.
+
+    A row of D distinct values needs at least ceil(log2 D) bits, so the search starts there, on a sample of
+    about 1024 rows first; the whole table is searched only when the sample's width leaves exceptions.
+    """
+    return _choose_width(np.asarray(values))[0]
 
 
 def encode(values: np.ndarray, bits: int | None = None) -> tuple[dict[str, int], dict[str, bytes]]:
@@ -207,8 +232,7 @@ def encode(values: np.ndarray, bits: int | None = None) -> tuple[dict[str, int],
     """
     values = np.asarray(values)
     dtype = dtype_of(values)
-    bits = encode_bits(values) if bits is None else bits
-    ints, scales, biases, positions = _layout(values, bits)
+    bits, (ints, scales, biases, positions) = _choose_width(values) if bits is None else (bits, _layout(values, bits))
     if positions.size > max(1, values.size * MAX_EXCEPTION_SHARE):
         raise UsageError(f"not row-wise quantized: {positions.size} of {values.size} values are off the "
                          f"{bits}-bit row grids; run `weightless quantize --method rowwise` first")

@@ -77,7 +77,7 @@ def encode_record(tensor: WeightTensor, codec: str) -> tuple[TensorRecord, dict]
     encoded = sum(len(section) for section in sections.values())
     values = tensor.array()
     row = {"name": tensor.name, "codec": codec, "params": tensor.params, "nonzeros": int(np.count_nonzero(values)),
-           "k": int(np.unique(dpred.bit_patterns(values)).size), "bits": 8 * encoded,
+           "k": int(np.unique(dpred.bit_patterns(values[values != 0])).size), "bits": 8 * encoded,
            "bits_per_value": 8 * encoded / max(tensor.params, 1), "codec_params": params,
            "original_bytes": tensor.nbytes, "encoded_bytes": encoded,
            "ratio": tensor.nbytes / encoded if encoded else None, "expected_false_positives": 0.0}
