@@ -135,9 +135,11 @@ def test_models_with_two_inputs_or_integer_inputs_are_refused(weight: np.ndarray
         ModelRunner(linear_model(np.ones((3, 2)), elem_type=TensorProto.INT64))
 
 
-def test_bad_batch_size_is_usage_error(weight: np.ndarray, x: np.ndarray) -> None:
+def test_bad_batch_size_and_empty_data(weight: np.ndarray, x: np.ndarray) -> None:
     with pytest.raises(UsageError, match="batch size"):
         predict(linear_model(weight), x, batch_size=0)
+    with pytest.raises(BadInputError, match="no samples"):
+        predict(linear_model(weight), x[:0])
 
 
 # --- evaluate ------------------------------------------------------------------------

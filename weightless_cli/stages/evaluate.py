@@ -69,6 +69,8 @@ class ModelRunner:
         """The first output for every sample, computed ``batch_size`` samples at a time."""
         if batch_size < 1:
             raise UsageError(f"batch size must be at least 1, got {batch_size}")
+        if x.ndim == 0 or len(x) == 0:
+            raise BadInputError(f"{data_name} holds no samples")
         x = fit_to_input_shape(x, self.input_shape, data_name).astype(self.input_dtype, copy=False)
         step = self.fixed_batch() or batch_size
         chunks = [self._run(x[start : start + step], step) for start in range(0, len(x), step)]
