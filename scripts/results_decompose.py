@@ -13,6 +13,7 @@ by this run; the section goes to stdout, progress to stderr.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import tempfile
@@ -24,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from weightless_cli.data.datasets import load_dataset  # noqa: E402
 from weightless_cli.model import OnnxModel, Selection  # noqa: E402
-from weightless_cli.stages.decompose import RankSpec, decompose_file, measure_latency  # noqa: E402
+from weightless_cli.stages.decompose import RankSpec, decompose_file  # noqa: E402
 from weightless_cli.stages.evaluate import evaluate  # noqa: E402
 from weightless_cli.stages.retrain import TrainSettings, retrain_model  # noqa: E402
 
@@ -59,11 +60,6 @@ def edge_layers(source: Path) -> tuple[str | None, str | None]:
     return (convs[0] if convs else None), (dense[-1] if dense else None)
 
 
-def latency(path: Path, runs: int) -> dict[str, float] | None:
-    timings = measure_latency(path.read_bytes(), (1, 256), runs)
-    return None if timings is None else {str(batch): value for batch, value in timings.items()}
-
-
 def retrained_error(path: Path, train, test, settings: TrainSettings) -> tuple[float, float]:
     """(test error after retraining every weight of ``path``, seconds the retraining took)."""
     model = OnnxModel.load(path)
@@ -76,11 +72,12 @@ def retrained_error(path: Path, train, test, settings: TrainSettings) -> tuple[f
 def measure(source: Path, label: str, spec: RankSpec, exclude: tuple[str, ...], train, test,
             settings: TrainSettings, runs: int, folder: Path) -> dict:
     target = folder / f"{source.stem}.{''.join(c if c.isalnum() else '_' for c in label)}.onnx"
-    report = decompose_file(source, target, Selection(exclude=exclude), spec, latency_runs=0)
+    # Latency of the original and the decomposed model, timed turn by turn (see measure_latencies).
+    report = decompose_file(source, target, Selection(exclude=exclude), spec, latency_runs=runs)
     error_decomposed = evaluate(target, test).error
     error_retrained, seconds = retrained_error(target, train, test, settings)
     log(f"  {label}: error {100 * error_decomposed:.2f} % as is, {100 * error_retrained:.2f} % retrained ({seconds:.0f} s)")
-    return {"label": label, "report": report, "latency": latency(target, runs), "error_decomposed": error_decomposed,
+    return {"label": label, "report": report, "error_decomposed": error_decomposed,
             "error_retrained": error_retrained, "spec": spec, "exclude": exclude}
 
 
@@ -88,8 +85,14 @@ def pct(value: float) -> str:
     return f"{100 * value:.2f} %"
 
 
-def ms(latency: dict | None, batch: str) -> str:
-    return "—" if not latency or batch not in latency else f"{latency[batch]:.3g}"
+def latency_cell(summary: dict, batch: str) -> str:
+    """'before → after' median milliseconds, with the fastest runs in brackets."""
+    median_before, median_after = summary.get("latency_ms_before"), summary.get("latency_ms_after")
+    if not median_before or batch not in median_before:
+        return "—"
+    fast_before, fast_after = summary["latency_min_ms_before"][batch], summary["latency_min_ms_after"][batch]
+    return (f"{median_before[batch]:.3g} → {median_after[batch]:.3g} "
+            f"({fast_before:.3g} → {fast_after:.3g})")
 
 
 def command(model: str, spec: RankSpec, exclude: tuple[str, ...]) -> str:
@@ -100,23 +103,21 @@ def command(model: str, spec: RankSpec, exclude: tuple[str, ...]) -> str:
 
 def model_section(model: str, original: dict, rows: list[dict], settings: TrainSettings) -> list[str]:
     first = rows[0]["report"]["model"]
-    before = original["latency"]
     lines = [f"### {model}", "",
-             f"Original: {first['params_before']:,} params, {first['macs_before']:,} MACs per image, "
-             f"latency {ms(before, '1')} ms (batch 1) and {ms(before, '256')} ms (batch 256); test error "
+             f"Original: {first['params_before']:,} params, {first['macs_before']:,} MACs per image; test error "
              f"{pct(original['error'])}, and {pct(original['error_retrained'])} after the same retraining "
              "(the control: what retraining alone does).", "",
-             f"| ranks | params | MACs / image | latency b1 (ms) | latency b256 (ms) | error as is | "
+             "| ranks | params | MACs / image | latency batch 1, ms | latency batch 256, ms | error as is | "
              f"error after {settings.epochs} epoch retrain |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-             f"| original | {first['params_before']:,} | {first['macs_before']:,} | {ms(before, '1')} | "
-             f"{ms(before, '256')} | {pct(original['error'])} | {pct(original['error_retrained'])} |"]
+             f"| original | {first['params_before']:,} | {first['macs_before']:,} | | | {pct(original['error'])} | "
+             f"{pct(original['error_retrained'])} |"]
     for row in rows:
         m = row["report"]["model"]
         lines.append(
             f"| {row['label']} | {m['params_after']:,} ({m['params_before'] / m['params_after']:.1f}× fewer) | "
-            f"{m['macs_after']:,} ({m['macs_before'] / m['macs_after']:.1f}× fewer) | {ms(row['latency'], '1')} | "
-            f"{ms(row['latency'], '256')} | {pct(row['error_decomposed'])} | {pct(row['error_retrained'])} |")
+            f"{m['macs_after']:,} ({m['macs_before'] / m['macs_after']:.1f}× fewer) | {latency_cell(m, '1')} | "
+            f"{latency_cell(m, '256')} | {pct(row['error_decomposed'])} | {pct(row['error_retrained'])} |")
     lines += ["", "Ranks per layer (Tucker-2: R_in, R_out; SVD: r) and what each layer kept:", "",
               "| layer | shape | " + " | ".join(row["label"] for row in rows) + " |",
               "| --- | --- | " + " | ".join("---" for _ in rows) + " |"]
@@ -155,7 +156,7 @@ def main() -> None:
                 log(f"{source} is not there; skipped")
                 continue
             log(f"{model}:")
-            original = {"error": evaluate(source, test).error, "latency": latency(source, args.runs),
+            original = {"error": evaluate(source, test).error,
                         "error_retrained": retrained_error(source, train, test, settings)[0]}
             log(f"  original: error {100 * original['error']:.2f} %, {100 * original['error_retrained']:.2f} % retrained")
             rows = [measure(source, label, spec, exclude, train, test, settings, args.runs, Path(scratch))
@@ -166,10 +167,12 @@ def main() -> None:
           "by empirical VBMF on each kernel's mode unfoldings or by the share of singular-value energy kept; "
           "a layer is replaced only when that saves parameters. Test error on the 10,000 MNIST test images "
           f"(onnxruntime); retraining trains every weight of the graph for {args.epochs} epoch(s) "
-          f"on mnist:train (Adam, lr {args.lr:g}, batch 128, seed 0). Latency: onnxruntime CPU, one thread, median "
-          f"of {args.runs} runs after two warm-up runs, measured on {platform.machine()} "
-          f"({platform.processor() or 'unknown CPU'}) while other jobs shared the machine, so treat small "
-          "differences as noise. MACs count Conv/Gemm/MatMul multiply-adds for one image. Reproduce with "
+          f"on mnist:train (Adam, lr {args.lr:g}, batch 128, seed 0). Latency: onnxruntime CPU, one thread, "
+          f"original and decomposed model timed turn by turn, {args.runs} runs each after two warm-up runs; the "
+          "median, and in brackets the fastest run, before → after. Measured on "
+          f"{platform.machine()} ({platform.processor() or 'unknown CPU'}, {os.cpu_count()} cores) while other "
+          "jobs shared it: runs that a time slice cut short make the median jump between modes, so the "
+          "fastest run is the steadier comparison. MACs count Conv/Gemm/MatMul multiply-adds for one image. Reproduce with "
           "`.venv/bin/python scripts/results_decompose.py`.\n")
     print("\n".join(sections))
 

@@ -22,6 +22,7 @@ from weightless_cli.stages.decompose import (
     energy_rank,
     evbmf,
     evbmf_from_singular_values,
+    measure_latencies,
     node_macs,
     svd_factors,
     total_macs,
@@ -386,12 +387,26 @@ def test_decompose_file_writes_a_checked_smaller_model_deterministically(tmp_pat
     summary = report["model"]
     assert summary["params_after"] < summary["params_before"] and summary["macs_after"] < summary["macs_before"]
     assert set(summary["latency_ms_before"]) == {"1", "3"} and all(v > 0 for v in summary["latency_ms_after"].values())
+    assert all(summary["latency_min_ms_after"][b] <= summary["latency_ms_after"][b] for b in ("1", "3"))
     loaded = OnnxModel.load(outputs[0])  # passes the loader's checker
     assert {t.name for t in loaded.weights} == {"conv1.bias", "conv1.weight.tucker_first",
                                                 "conv1.weight.tucker_core", "conv1.weight.tucker_last"}
     x = np.random.default_rng(25).normal(size=(2, 12, 11, 11))
     scale = np.max(np.abs(_run(onnx.load(source), x)))
     assert _max_diff(onnx.load(source), loaded.proto, x) < 0.02 * scale  # only the small noise is lost
+
+
+def test_latency_of_several_models_fixed_batches_and_unmeasurable_inputs():
+    free = gemm_model(_low_rank(9, 12, 2, seed=32), 0, 1, 1.0, 1.0, True, 12, 9)
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(free)
+    fixed.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 5
+    symbolic = onnx.ModelProto()
+    symbolic.CopyFrom(free)
+    symbolic.graph.input[0].type.tensor_type.shape.dim[1].dim_param = "K"
+    timings = measure_latencies([m.SerializeToString() for m in (free, fixed, symbolic)], (1, 2), runs=3)
+    assert set(timings[0]) == {1, 2} and set(timings[1]) == {5} and timings[2] is None
+    assert all(0 < t.min_ms <= t.median_ms for t in timings[0].values())
 
 
 def test_decompose_file_with_nothing_to_gain_warns_and_keeps_the_graph(tmp_path):

@@ -675,42 +675,78 @@ def check_model(model: onnx.ModelProto, path: object, full_check: bool = True) -
 # ---------------------------------------------------------------- latency
 
 
+@dataclass(frozen=True)
+class Latency:
+    """Milliseconds per run: the median, and the fastest run (robust when other processes
+    preempt some runs, as on a busy machine, where the median can flip between modes)."""
+
+    median_ms: float
+    min_ms: float
+
+
 def measure_latency(model: bytes, batch_sizes: Sequence[int] = DEFAULT_LATENCY_BATCHES,
                     runs: int = DEFAULT_LATENCY_RUNS, threads: int = DEFAULT_LATENCY_THREADS,
-                    seed: int = 0) -> dict[int, float] | None:
-    """Median onnxruntime latency in milliseconds per batch size (CPU, ``threads`` threads,
-    sequential, full graph optimization, after two warm-up runs), on random inputs.
+                    seed: int = 0) -> dict[int, Latency] | None:
+    """onnxruntime latency of one model per batch size; see :func:`measure_latencies`."""
+    return measure_latencies([model], batch_sizes, runs, threads, seed)[0]
 
-    A model with a fixed batch is timed at that batch only. None when the model's single data
-    input has other free dimensions, or it has several inputs.
+
+def measure_latencies(models: Sequence[bytes], batch_sizes: Sequence[int] = DEFAULT_LATENCY_BATCHES,
+                      runs: int = DEFAULT_LATENCY_RUNS, threads: int = DEFAULT_LATENCY_THREADS,
+                      seed: int = 0) -> list[dict[int, Latency] | None]:
+    """onnxruntime latency per batch size for each model (CPU,
+    ``threads`` threads, sequential, full graph optimization, two warm-up runs), on the same
+    random inputs. The models take turns run by run, so that load from other processes
+    falls on all of them alike and before/after stay comparable on a shared machine.
+
+    A model with a fixed batch is timed at that batch only. None for a model whose single
+    data input has other free dimensions, or that has several inputs.
     """
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.log_severity_level = 3
-    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-    inputs = session.get_inputs()
-    if len(inputs) != 1 or inputs[0].type not in _FLOAT_INPUTS:
-        return None
-    shape = list(inputs[0].shape)
-    if not shape or not all(isinstance(d, int) and d > 0 for d in shape[1:]):
-        return None
-    if isinstance(shape[0], int) and shape[0] > 0:
-        batch_sizes = (shape[0],)
-    rng = np.random.default_rng(seed)
-    timings = {}
-    for batch in batch_sizes:
-        x = rng.standard_normal((batch, *shape[1:])).astype(_FLOAT_INPUTS[inputs[0].type])
-        feed = {inputs[0].name: x}
-        for _ in range(2):
-            session.run(None, feed)
-        samples = []
+    runners = [_LatencyRunner(model, threads) for model in models]
+    samples: list[dict[int, list[float]]] = [{} for _ in models]
+    for batch in sorted({b for r in runners for b in r.batches(batch_sizes)}):
+        takers = [(i, r) for i, r in enumerate(runners) if batch in r.batches(batch_sizes)]
+        feeds = [(i, r, r.feed(np.random.default_rng(seed).standard_normal((batch, *r.sample_shape))))
+                 for i, r in takers]
+        for i, runner, feed in feeds:
+            samples[i][batch] = []
+            for _ in range(2):
+                runner.session.run(None, feed)
         for _ in range(runs):
-            start = time.perf_counter()
-            session.run(None, feed)
-            samples.append(time.perf_counter() - start)
-        timings[batch] = 1000.0 * float(np.median(samples))
-    return timings
+            for i, runner, feed in feeds:
+                start = time.perf_counter()
+                runner.session.run(None, feed)
+                samples[i][batch].append(time.perf_counter() - start)
+    return [None if not r.measurable else
+            {b: Latency(1000.0 * float(np.median(t)), 1000.0 * min(t)) for b, t in sorted(s.items())}
+            for r, s in zip(runners, samples, strict=True)]
+
+
+class _LatencyRunner:
+    """An onnxruntime session for timing, and the input shape it accepts."""
+
+    def __init__(self, model: bytes, threads: int) -> None:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        inputs = self.session.get_inputs()
+        shape = list(inputs[0].shape) if len(inputs) == 1 else []
+        self.measurable = (len(inputs) == 1 and inputs[0].type in _FLOAT_INPUTS and bool(shape)
+                           and all(isinstance(d, int) and d > 0 for d in shape[1:]))
+        self.sample_shape = tuple(shape[1:]) if self.measurable else ()
+        self.fixed_batch = shape[0] if self.measurable and isinstance(shape[0], int) and shape[0] > 0 else None
+        self.input_name = inputs[0].name if inputs else ""
+        self.dtype = _FLOAT_INPUTS.get(inputs[0].type) if inputs else None
+
+    def batches(self, wanted: Sequence[int]) -> tuple[int, ...]:
+        if not self.measurable:
+            return ()
+        return (self.fixed_batch,) if self.fixed_batch else tuple(wanted)
+
+    def feed(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        return {self.input_name: x.astype(self.dtype)}
 
 
 _FLOAT_INPUTS = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16}
@@ -726,7 +762,9 @@ def model_params(model: OnnxModel) -> int:
 def decompose_file(source: Path, target: Path, selection: Selection, rank_spec: RankSpec, *,
                    latency_runs: int = DEFAULT_LATENCY_RUNS, batch_sizes: Sequence[int] = DEFAULT_LATENCY_BATCHES,
                    threads: int = DEFAULT_LATENCY_THREADS) -> dict:
-    """Decompose the selected layers of ``source`` into ``target``; ``latency_runs=0`` skips timing."""
+    """Decompose the selected layers of ``source`` into ``target`` and report per layer and
+    for the whole model: params, MACs, and onnxruntime latency before/after (median and
+    fastest of ``latency_runs`` runs per batch size, one thread; ``latency_runs=0`` skips it)."""
     model = OnnxModel.load(source)
     names = [t.name for t in selection.apply(model)]
     proto, layers = decompose_model(model.proto, names, rank_spec)
@@ -736,9 +774,12 @@ def decompose_file(source: Path, target: Path, selection: Selection, rank_spec: 
     result.save(target)
     summary = {"params_before": model_params(model), "params_after": model_params(result),
                "macs_before": total_macs(model.proto), "macs_after": total_macs(proto)}
-    if latency_runs > 0:
-        summary["latency_ms_before"] = _latency(model.proto, batch_sizes, latency_runs, threads)
-        summary["latency_ms_after"] = _latency(proto, batch_sizes, latency_runs, threads)
+    if latency_runs > 0 and max(model.proto.ByteSize(), proto.ByteSize()) <= PROTOBUF_LIMIT:
+        before, after = measure_latencies([model.proto.SerializeToString(), proto.SerializeToString()],
+                                          batch_sizes, latency_runs, threads)
+        for when, timings in (("before", before), ("after", after)):
+            summary[f"latency_ms_{when}"] = _by_batch_name(timings, "median_ms")
+            summary[f"latency_min_ms_{when}"] = _by_batch_name(timings, "min_ms")
     warnings = model_warnings(model)
     if not any(layer["decomposed"] for layer in layers):
         warnings.append(f"{source}: no layer was decomposed (see the reasons); the output computes the same graph")
@@ -746,8 +787,6 @@ def decompose_file(source: Path, target: Path, selection: Selection, rank_spec: 
             "layers": layers, "model": summary, "warnings": warnings}
 
 
-def _latency(model: onnx.ModelProto, batch_sizes: Sequence[int], runs: int, threads: int) -> dict[str, float] | None:
-    if model.ByteSize() > PROTOBUF_LIMIT:
-        return None
-    timings = measure_latency(model.SerializeToString(), batch_sizes, runs, threads)
-    return None if timings is None else {str(batch): ms for batch, ms in timings.items()}
+def _by_batch_name(timings: dict[int, Latency] | None, statistic: str) -> dict[str, float] | None:
+    """One statistic per batch size, JSON-ready (batch sizes as string keys)."""
+    return None if timings is None else {str(batch): getattr(ms, statistic) for batch, ms in timings.items()}
