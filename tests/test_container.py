@@ -348,7 +348,7 @@ def _forged_tensors(draw) -> bytes:
         name=draw(st.one_of(st.sampled_from([b"w", b"v", b"u"]), st.binary(max_size=6))),
         tag=draw(st.sampled_from([1, 1, 10, 11, 16, 0, 255])),
         shape=tuple(draw(st.lists(_u64, max_size=draw(st.sampled_from([2, 2, 10]))))),
-        codec=draw(st.sampled_from([b"raw", b"raw", b"bloomier", b"dpred", b"", b"RAW"])),
+        codec=draw(st.sampled_from([b"raw", b"raw", b"bloomier", b"future-codec", b"", b"RAW"])),
         params=draw(
             st.lists(st.tuples(st.sampled_from([b"t", b"seed", b"", b"9"]), st.integers(-9, 9)), max_size=2)
         ),
@@ -394,9 +394,9 @@ def test_newer_minor_version_is_read():
 
 
 def test_unknown_codec_is_rejected_by_name():
-    data = _Spec.blob(_Spec.tensor(codec=b"dpred", sections=[_Spec.stored(b"deltas", b"\x01")]))
+    data = _Spec.blob(_Spec.tensor(codec=b"future-codec", sections=[_Spec.stored(b"deltas", b"\x01")]))
     message = assert_rejected(data)
-    assert message.startswith("unsupported .wl blob: tensor 0 'w': unknown codec 'dpred'")
+    assert message.startswith("unsupported .wl blob: tensor 0 'w': unknown codec 'future-codec'")
     assert "newer weightless" in message
 
 

@@ -115,3 +115,19 @@ def test_gate_exit_codes(capsys, tmp_path, mnist_cache):
     assert failing.code == 1 and "accuracy gate failed" in failing.err
     assert run_cli(capsys, "eval", ruined, "--data", "mnist", "--limit", "1000", "--reference", src,
                    "--max-drop", "100").code == 0
+
+
+@pytest.mark.parametrize("quantize_args, codec", [
+    (["--method", "uniform", "--bits", "8", "--per-channel"], "dpred"),
+    (["--bits", "3", "--outliers", "0.02"], "outlier"),
+    (["--method", "rowwise", "--bits", "4"], "rowwise"),
+])
+def test_value_grid_codecs_through_the_cli(capsys, tmp_path, quantize_args, codec):
+    src = factory.save(factory.mlp(sizes=(128, 64, 10)), tmp_path / "m.onnx")
+    quant, blob = tmp_path / "q.onnx", tmp_path / "m.wl"
+    assert run_cli(capsys, "quantize", src, "-o", quant, *quantize_args).code == 0
+    result = run_cli(capsys, "encode", quant, "-o", blob, "--codec", codec, "--json")
+    assert result.code == 0, result.err
+    assert {row["codec"] for row in result.json()["tensors"]} == {codec, "raw"}
+    checked = run_cli(capsys, "verify", blob, "--reference", quant, "--json")
+    assert checked.code == 0 and all(row["ok"] for row in checked.json()["tensors"])

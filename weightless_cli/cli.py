@@ -153,35 +153,61 @@ def prune(model: Path, output: Path, force: bool, sparsity: tuple[str, ...], glo
 @writer_options
 @click.option("--clusters", "clusters", multiple=True, metavar="[NAME=]K",
               help="Shared values per tensor (zeros not counted); NAME=K for one tensor. Repeatable.")
-@click.option("--bits", "bits", multiple=True, metavar="[NAME=]R", help="Same as --clusters 2^R.")
+@click.option("--bits", "bits", multiple=True, metavar="[NAME=]R",
+              help="k-means: same as --clusters 2^R; uniform/rowwise: the integer width.")
+@click.option("--method", type=click.Choice(["kmeans", "uniform", "rowwise"]), default="kmeans", show_default=True,
+              help="kmeans: weight sharing (Deep Compression); uniform: symmetric linear levels (fixed point, "
+                   "for --codec dpred); rowwise: per-row scale and bias (embedding tables, --codec rowwise).")
+@click.option("--outliers", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+              metavar="F", help="Value-aware quantization: keep the largest-magnitude fraction F in fp16 and "
+                                "quantize the rest (encode with --codec outlier).")
+@click.option("--per-channel", is_flag=True, help="uniform: one scale per output channel (axis 0).")
 @selection_options
 @output_options
-def quantize(model: Path, output: Path, force: bool, clusters: tuple[str, ...], bits: tuple[str, ...],
-             layers: tuple[str, ...], exclude: tuple[str, ...], min_params: int, as_json: bool, quiet: bool) -> None:
-    """Share weights: k-means the nonzero weights of each tensor into K values.
+def quantize(model: Path, output: Path, force: bool, clusters: tuple[str, ...], bits: tuple[str, ...], method: str,
+             outliers: float, per_channel: bool, layers: tuple[str, ...], exclude: tuple[str, ...], min_params: int,
+             as_json: bool, quiet: bool) -> None:
+    """Quantize weights: k-means weight sharing (default), uniform, row-wise, value-aware.
 
-    Linear initialisation between the smallest and largest weight (as in Deep Compression);
-    zeros stay exactly zero and are not a cluster. The output holds at most K distinct
-    nonzero values per tensor, so later stages recover the codebook exactly.
+    k-means clusters the nonzero weights of each tensor into K shared values, with linear
+    initialisation between the smallest and largest weight (as in Deep Compression); zeros
+    stay exactly zero and are not a cluster, so later stages recover the codebook exactly.
 
     \b
     Examples:
       weightless quantize lenet.pruned.onnx -o lenet.quant.onnx --clusters 16
       weightless quantize lenet.pruned.onnx -o lenet.quant.onnx --bits 5 --bits 'conv*=8'
+      weightless quantize m.onnx -o m.q.onnx --bits 4 --outliers 0.01        # value-aware
+      weightless quantize m.onnx -o m.q.onnx --method uniform --bits 8 --per-channel
+      weightless quantize emb.onnx -o emb.q.onnx --method rowwise --bits 4
     """
-    from weightless_cli.stages.quantize import parse_bits, parse_clusters, quantize_file
-
     target = check_writable(output, force)
     if bool(clusters) == bool(bits):
         raise UsageError("give either --clusters K or --bits R")
-    settings = (PerTensor.parse(clusters, parse_clusters, "--clusters") if clusters
-                else PerTensor.parse(bits, parse_bits, "--bits"))
-    result = quantize_file(model, target, settings.narrow(Selection(layers, exclude, min_params)), settings)
+    if per_channel and method != "uniform":
+        raise UsageError("--per-channel goes with --method uniform")
+    selection = Selection(layers, exclude, min_params)
     reporter = Reporter(as_json, quiet)
+    if method == "kmeans" and not outliers:
+        from weightless_cli.stages.quantize import parse_bits, parse_clusters, quantize_file
+
+        settings = (PerTensor.parse(clusters, parse_clusters, "--clusters") if clusters
+                    else PerTensor.parse(bits, parse_bits, "--bits"))
+        result = quantize_file(model, target, settings.narrow(selection), settings)
+        columns = [("clusters", "K", fmt_int)]
+    else:
+        from weightless_cli.stages import value_aware
+
+        if clusters:
+            raise UsageError(f"--method {method}{' --outliers' if outliers else ''} takes --bits, not --clusters")
+        settings = PerTensor.parse(bits, value_aware.parse_method_bits, "--bits")
+        result = value_aware.quantize_file(model, target, settings.narrow(selection), settings, method, per_channel,
+                                           outliers)
+        columns = [("bits", "bits", fmt_int), ("levels", "levels", fmt_int)]
     _report_warnings(reporter, result)
     reporter.table(f"quantized → {target}", result["tensors"], [
-        ("name", "tensor", str), ("params", "params", fmt_int), ("nonzeros", "nonzeros", fmt_int),
-        ("clusters", "K", fmt_int), ("mse", "weight MSE", fmt_float), ("max_abs_error", "max |error|", fmt_float)])
+        ("name", "tensor", str), ("params", "params", fmt_int), *columns,
+        ("mse", "weight MSE", fmt_float), ("max_abs_error", "max |error|", fmt_float)])
     reporter.result(result)
 
 

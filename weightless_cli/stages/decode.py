@@ -18,6 +18,7 @@ from weightless_cli.codecs.clustered import values_from_ids
 from weightless_cli.codecs.container import DTYPES, Blob, TensorRecord, bytes_to_array, load_blob, raw_array
 from weightless_cli.errors import BadInputError
 from weightless_cli.model import OnnxModel
+from weightless_cli.stages import uniform
 from weightless_cli.stages.encode import EXACT_CODECS
 
 # verify fails a tensor whose false positives exceed their expectation by this many
@@ -55,6 +56,8 @@ def decode_record(record: TensorRecord) -> np.ndarray:
     if record.codec == "bloomier":
         codebook, ids = bloomier_ids(record)
         return values_from_ids(codebook, ids).reshape(record.shape)
+    if record.codec in uniform.VALUE_CODECS:
+        return uniform.decode_record(record)
     if record.codec in EXACT_CODECS:
         codebook = _as_numpy(bytes_to_array(record.sections["codebook"], record.dtype), record.dtype)
         ids = EXACT_CODECS[record.codec].decode(record.params, record.sections, record.shape, codebook.size)

@@ -19,12 +19,14 @@ from weightless_cli.codecs.clustered import SparseCode, sparse_code
 from weightless_cli.codecs.container import Blob, TensorRecord, array_to_bytes, raw_record, save_blob
 from weightless_cli.errors import UsageError
 from weightless_cli.model import OnnxModel, PerTensor, Selection, WeightTensor, model_warnings
+from weightless_cli.stages import uniform
 
 MAX_T = 16
 DEFAULT_FP_BITS = 6
 # Exact codecs for clustered tensors (issue #6): no false positives, sizes near the entropy bound.
 EXACT_CODECS = {"sparse": sparse, "csr-huffman": csr_huffman, "dense": dense}
-CODEC_CHOICES = ("bloomier", *EXACT_CODECS, "auto")
+# Codecs for tensors on a value grid rather than a codebook (issue #8): dpred, outlier, rowwise.
+CODEC_CHOICES = ("bloomier", *EXACT_CODECS, *uniform.VALUE_CODECS, "auto")
 
 
 def bits_for_ids(k: int) -> int:
@@ -54,6 +56,8 @@ def encode_tensor(tensor: WeightTensor, codec: str = "bloomier", t: int | None =
     ``auto`` takes the smallest exact codec, or the Bloomier filter when it is smaller
     still and its expected false positives are at most ``max_fp_ratio`` × nonzeros.
     """
+    if codec in uniform.VALUE_CODECS:
+        return uniform.encode_record(tensor, codec)
     code = sparse_code(tensor.array())
     if code.k > 2**MAX_T - 1:
         raise UsageError(f"{tensor.name} has {code.k:,} distinct nonzero values: it is not clustered; "
