@@ -161,17 +161,29 @@ def main() -> None:
     parser.add_argument("--only", help="run just this model's recipe")
     parser.add_argument("--skip-sweep", action="store_true")
     parser.add_argument("--skip-sections", action="store_true")
+    parser.add_argument("--reuse", action="store_true",
+                        help="use results/<recipe>.json from an earlier run instead of compressing again")
     args = parser.parse_args()
     RESULTS.mkdir(exist_ok=True)
     started = time.perf_counter()
     recipes = sorted((ROOT / "recipes").glob("*.toml"))
-    reports = {path.stem: run_recipe(path) for path in recipes if args.only in (None, path.stem)}
+    reports = {}
+    for path in recipes:
+        saved = RESULTS / f"{path.stem}.json"
+        if args.reuse and saved.exists():
+            reports[path.stem] = json.loads(saved.read_text())
+        elif args.only in (None, path.stem):
+            reports[path.stem] = run_recipe(path)
     sweep = []
-    if not args.skip_sweep:
+    sweep_file = RESULTS / "t_sweep.json"
+    if args.reuse and sweep_file.exists():
+        sweep = json.loads(sweep_file.read_text())
+    elif not args.skip_sweep:
         recipe = load_recipe(ROOT / "recipes" / f"{SWEEP_MODEL}.toml")
         log(f"t sweep on {SWEEP_MODEL} {SWEEP_LAYER}")
         sweep = sweep_t(ROOT / "sample_models" / f"{SWEEP_MODEL}.onnx", "mnist:train", "mnist:test", recipe,
                         SWEEP_LAYER, SWEEP_TS, step_logger("sweep"))
+        sweep_file.write_text(json.dumps(sweep, indent=1) + "\n")
     lines = ["# Results", "",
              "Everything here is measured by `make results` (scripts/make_results.py) on real MNIST (60,000 train / "
              "10,000 test images) with onnxruntime; the blobs are committed in `results/`, so "
