@@ -555,17 +555,29 @@ def _make_stand_in(tensor: TensorProto) -> None:
 
 def _check_text(message: Message, path: str | os.PathLike) -> None:
     """Every string field must be text. Protobuf parses invalid UTF-8 in them without a word and
-    hands it out as bytes, which would break every name lookup (and the ONNX checker) later."""
+    hands it out as bytes, which would break every name lookup (and the ONNX checker) later.
+    Only string and message fields are read, so tensor data is never copied."""
     stack = [message]
     while stack:
         current = stack.pop()
-        for descriptor, value in current.ListFields():
-            if descriptor.type == descriptor.TYPE_MESSAGE:
-                stack.extend([value] if isinstance(value, Message) else value)
-            elif descriptor.type == descriptor.TYPE_STRING and not all(
-                    isinstance(text, str) for text in ([value] if isinstance(value, str | bytes) else value)):
-                raise BadInputError(f"not a valid ONNX model: a {current.DESCRIPTOR.name}.{descriptor.name} "
+        for field_info in current.DESCRIPTOR.fields:
+            if field_info.type not in (field_info.TYPE_MESSAGE, field_info.TYPE_STRING):
+                continue
+            repeated = _is_repeated(field_info)
+            if not repeated and not current.HasField(field_info.name):
+                continue
+            value = getattr(current, field_info.name)
+            values = value if repeated else [value]
+            if field_info.type == field_info.TYPE_MESSAGE:
+                stack.extend(values)
+            elif not all(isinstance(text, str) for text in values):
+                raise BadInputError(f"not a valid ONNX model: a {current.DESCRIPTOR.name}.{field_info.name} "
                                     "is not UTF-8 text", path)
+
+
+def _is_repeated(field_info) -> bool:
+    repeated = getattr(field_info, "is_repeated", None)  # protobuf >= 5; `label` before (gone in 7)
+    return field_info.label == field_info.LABEL_REPEATED if repeated is None else bool(repeated)
 
 
 def _parse_model(path: Path) -> onnx.ModelProto:
