@@ -323,7 +323,7 @@ def test_queries_follow_the_written_spec(n, t):
 
 def test_spec_document_example():
     # The worked example in docs/codecs/bloomier.md.
-    table = build_table(np.array([0, 3, 7]), np.array([5, 1, 14]), 4, 0, n_positions=10)
+    table = encode_positions(np.array([0, 3, 7]), np.array([2, 0, 1]), 10, 4, seed=0)
     assert table.to_params() == {
         "t": 4,
         "seed": 0,
@@ -334,5 +334,23 @@ def test_spec_document_example():
         "n_positions": 10,
         "keys": 3,
     }
-    assert pack_bits(table.cells, 4).hex() == "0007509000"
-    assert table.query_all().tolist() == [5, 14, 14, 1, 15, 14, 13, 14, 2, 10]
+    assert table.cells.tolist() == [0, 0, 8, 0, 0, 2, 0, 8, 0]
+    assert pack_bits(table.cells, 4).hex() == "0008208000"
+    assert table.query_all().tolist() == [2, 15, 9, 0, 0, 1, 2, 1, 12, 10]
+    assert decode_ids(table, 10, 3).tolist() == [2, 3, 3, 0, 0, 1, 2, 1, 3, 3]
+
+
+def test_spec_document_fuse_cells():
+    # The fuse-layout table in docs/codecs/bloomier.md.
+    from weightless_cli.codecs.hashing import position_hash
+
+    hashes = position_hash(np.array([0, 1, 2, 123456789]), 5)
+    layout = bloomier.Layout(LAYOUT_FUSE, 1024, 120)
+    assert bloomier.cell_triples(hashes, layout).T.tolist() == [
+        [92573, 93341, 94661],
+        [66918, 67964, 69367],
+        [117545, 118204, 119122],
+        [74250, 75437, 75817],
+    ]
+    assert bloomier.hash_masks(hashes, 8).tolist() == [200, 103, 166, 196]
+    assert bloomier.hash_masks(hashes, 12).tolist() == [1736, 2151, 4006, 3780]
