@@ -85,7 +85,7 @@ def model_section(name: str, report: dict) -> list[str]:
                          f"{row['original_bytes'] / row['encoded_bytes']:.1f}× |")
             continue
         lines.append(
-            f"| {row['name']} | {row['codec']} | {row['params']:,} | {row['nonzeros']:,} | {row['k']} | {row['t']} | "
+            f"| {row['name']} | {row['codec']} | {row['params']:,} | {row['nonzeros']:,} | {row['k']} | {row.get('t', '')} | "
             f"{row['bits']:,} | {row['bits_per_nonzero']:.2f} | {row['expected_false_positives']:.1f} | "
             f"{row['encoded_bytes']:,} | {row['ratio']:.1f}× |")
     lines += ["", "Accuracy and size after every step:", "",
