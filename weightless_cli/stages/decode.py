@@ -31,12 +31,8 @@ def _as_numpy(values: np.ndarray, dtype: str) -> np.ndarray:
     return values.view(ml_dtypes.bfloat16) if dtype == "bfloat16" else values
 
 
-def bloomier_ids(record: TensorRecord) -> tuple[np.ndarray, np.ndarray]:
-    """(codebook, codebook index per position; any index ≥ K means zero) of a bloomier record."""
-    params = record.params
-    table = bloomier.BloomierTable.from_params(params, _cells(record))
-    codebook = _as_numpy(bytes_to_array(record.sections["codebook"], record.dtype), record.dtype)
-    return codebook, bloomier.decode_ids(table, record.n_elements, codebook.size)
+def _codebook(record: TensorRecord) -> np.ndarray:
+    return _as_numpy(bytes_to_array(record.sections["codebook"], record.dtype), record.dtype)
 
 
 def _cells(record: TensorRecord) -> np.ndarray:
@@ -54,12 +50,13 @@ def decode_record(record: TensorRecord) -> np.ndarray:
     if record.codec == "raw":
         return _as_numpy(raw_array(record), record.dtype)
     if record.codec == "bloomier":
-        codebook, ids = bloomier_ids(record)
-        return values_from_ids(codebook, ids).reshape(record.shape)
+        table = bloomier.BloomierTable.from_params(record.params, _cells(record))
+        # Straight into the output, chunk by chunk: no index array the size of the tensor.
+        return bloomier.decode_values(table, record.n_elements, _codebook(record)).reshape(record.shape)
     if record.codec in uniform.VALUE_CODECS:
         return uniform.decode_record(record)
     if record.codec in EXACT_CODECS:
-        codebook = _as_numpy(bytes_to_array(record.sections["codebook"], record.dtype), record.dtype)
+        codebook = _codebook(record)
         ids = EXACT_CODECS[record.codec].decode(record.params, record.sections, record.shape, codebook.size)
         return values_from_ids(codebook, ids).reshape(record.shape)
     raise BadInputError(f"tensor {record.name!r}: codec {record.codec!r} cannot be decoded by this version")
