@@ -39,14 +39,19 @@ FORMAT_MD = Path(__file__).resolve().parents[1] / "docs" / "FORMAT.md"
 
 
 def example_blob() -> Blob:
-    """The tiny blob of docs/FORMAT.md's worked example: a raw bias and a Bloomier-coded weight."""
+    """The tiny blob of docs/FORMAT.md's worked example: a raw bias and a real Bloomier-coded weight
+    (positions 1 and 4 of a 2×3 tensor hold codebook entries 0 and 1)."""
+    from weightless_cli.codecs.bitpack import pack_bits
+    from weightless_cli.codecs.bloomier import encode_positions
+
+    table = encode_positions(np.array([1, 4]), np.array([0, 1]), 6, 2, seed=7)
     bloomier = TensorRecord(
         "fc.weight",
         (2, 3),
         "float16",
         "bloomier",
-        {"t": 2, "seed": 7, "cells": 4, "n_positions": 6},
-        {"codebook": np.array([0.5, -0.25], "<f2").tobytes(), "cells": bytes([0b10_01_00_11])},
+        table.to_params(),
+        {"codebook": np.array([0.5, -0.25], "<f2").tobytes(), "cells": pack_bits(table.cells, 2)},
     )
     bias = raw_record("fc.bias", np.array([1.0, -2.0], np.float32))
     return Blob(b"onnx-graph", [bloomier, bias], {"writer": "weightless (example)"})
