@@ -72,15 +72,30 @@ def _report_warnings(reporter: Reporter, result: dict) -> None:
 
 @cli.command()
 @model_argument()
+@click.option("--profile", is_flag=True, help="Run MODEL over --data with onnxruntime's profiler: time and "
+                                                "weight bytes per op type and per node.")
+@click.option("--data", "data_spec", metavar="SPEC", help="Data to run for --profile (mnist, .npz, test_data_set).")
+@click.option("--runs", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Passes over the data for --profile.")
+@click.option("--limit", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Profile on the first N samples.")
 @output_options
-def inspect(model: Path, as_json: bool, quiet: bool) -> None:
+def inspect(model: Path, profile: bool, data_spec: str | None, runs: int, limit: int, as_json: bool,
+            quiet: bool) -> None:
     """Show every floating-point weight tensor of MODEL and where the bytes are.
+
+    With --profile --data SPEC, also where the time goes: onnxruntime's profiler gives
+    time per op type and per node beside the bytes of their weights.
 
     \b
     Example:
       weightless inspect sample_models/lenet5.onnx
       weightless inspect model.onnx --json | jq '.totals'
+      weightless inspect sample_models/digit-recognizer.onnx --profile --data mnist
     """
+    if profile:
+        _profile(model, data_spec, runs, limit, Reporter(as_json, quiet))
+        return
     from weightless_cli.stages.inspect import model_summary
 
     loaded = OnnxModel.load(model)
@@ -101,6 +116,21 @@ def inspect(model: Path, as_json: bool, quiet: bool) -> None:
         ("params_share", "share of params", fmt_pct), ("bytes", "bytes", fmt_bytes),
         ("bytes_share", "share of bytes", fmt_pct)])
     reporter.result(summary)
+
+
+def _profile(model: Path, data_spec: str | None, runs: int, limit: int, reporter: Reporter) -> None:
+    from weightless_cli.stages.profile import profile_model
+
+    if not data_spec:
+        raise UsageError("--profile needs --data SPEC")
+    result = profile_model(model, data_spec, runs, limit=limit)
+    title = (f"{model} on {result['data']} ({result['samples']:,} samples × {result['runs']} runs, "
+             f"{result['total_us'] / 1000:,.1f} ms in kernels, {fmt_bytes(result['weight_bytes'])} of weights)")
+    columns = [("calls", "calls", fmt_int), ("total_us", "time (µs)", fmt_int), ("share_time", "share of time", fmt_pct),
+               ("weight_bytes", "weights", fmt_bytes), ("share_bytes", "share of bytes", fmt_pct)]
+    reporter.table(f"{title} — by op type", result["by_op"], [("op", "op", str), ("nodes", "nodes", fmt_int), *columns])
+    reporter.table("by node", result["nodes"], [("node", "node", str), ("op", "op", str), *columns])
+    reporter.result(result)
 
 
 def _parse_sparsity(text: str) -> float:
@@ -523,6 +553,57 @@ def compress(model: Path, output: Path, force: bool, data_spec: str, eval_spec: 
                   f"test error {100 * result['error_before']:.2f}% → {100 * result['error_after']:.2f}% "
                   f"(measured on the decoded blob)")
     reporter.result(result)
+
+
+@cli.command()
+@model_argument()
+@writer_options
+@click.option("--rank", type=click.IntRange(min=1), metavar="R",
+              help="Keep R components per layer (a conv keeps min(R, in) and min(R, out) channels).")
+@click.option("--energy", type=click.FloatRange(0, 1, min_open=True), metavar="E",
+              help="Keep the smallest rank whose singular values hold this share of the energy, e.g. 0.95.")
+@click.option("--vbmf", is_flag=True, help="Ranks by empirical VBMF (Kim et al. 2016); the default.")
+@click.option("--runs", type=click.IntRange(min=0), default=20, show_default=True,
+              help="onnxruntime latency runs per batch size (batch 1 and 256, one thread); 0 skips timing.")
+@selection_options
+@output_options
+def decompose(model: Path, output: Path, force: bool, rank: int | None, energy: float | None, vbmf: bool, runs: int,
+              layers: tuple[str, ...], exclude: tuple[str, ...], min_params: int, as_json: bool, quiet: bool) -> None:
+    """Replace layers by low-rank ones: Tucker-2 for Conv, truncated SVD for Gemm/MatMul.
+
+    A k×k conv becomes 1×1 → k×k → 1×1 convs; a fully connected layer becomes two smaller
+    products. A layer is replaced only when that saves parameters. This changes the graph
+    (new nodes and tensors named after the old ones); retrain afterwards to recover accuracy.
+
+    \b
+    Examples:
+      weightless decompose digit-recognizer.onnx -o dr.lowrank.onnx --vbmf --exclude fc2.weight
+      weightless decompose lenet-300-100.onnx -o lenet.lowrank.onnx --energy 0.95
+    """
+    from weightless_cli.stages.decompose import RankSpec, decompose_file
+
+    target = check_writable(output, force)
+    spec = RankSpec.parse(rank, energy, vbmf)
+    result = decompose_file(model, target, Selection(layers, exclude, min_params), spec, latency_runs=runs)
+    reporter = Reporter(as_json, quiet)
+    _report_warnings(reporter, result)
+    reporter.table(f"decomposed ({result['method']}) → {target}", result["layers"], [
+        ("tensor", "tensor", str), ("shape", "shape", fmt_str), ("kind", "kind", str), ("ranks", "ranks", fmt_str),
+        ("params_before", "params", fmt_int), ("params_after", "after", fmt_int),
+        ("macs_before", "MACs", fmt_int), ("macs_after", "after", fmt_int), ("reason", "kept because", str)])
+    summary = result["model"]
+    rows = [{"what": "params", "before": summary["params_before"], "after": summary["params_after"]},
+            {"what": "MACs / sample", "before": summary["macs_before"], "after": summary["macs_after"]}]
+    for batch in (summary.get("latency_ms_before") or {}):
+        for key, what in (("latency_ms", "median"), ("latency_min_ms", "fastest")):
+            rows.append({"what": f"latency, batch {batch}, {what} (ms)", "before": summary[f"{key}_before"][batch],
+                         "after": summary[f"{key}_after"][batch]})
+    reporter.table("whole model", rows, [("what", "", str), ("before", "before", _num), ("after", "after", _num)])
+    reporter.result(result)
+
+
+def _num(value: object) -> str:
+    return f"{value:,}" if isinstance(value, int) else f"{float(value):.4g}"
 
 
 @cli.group()
