@@ -144,15 +144,21 @@ def sweep_section(rows: list[dict]) -> list[str]:
     return lines
 
 
-def other_sections() -> list[str]:
-    """Sections printed by scripts/results_*.py (codec comparisons, quantization methods, decomposition)."""
+def other_sections(reuse: bool) -> list[str]:
+    """Sections printed by scripts/results_*.py (codec comparisons, quantization methods, decomposition),
+    saved to results/sections/<script>.md; with ``reuse`` a saved section is taken as it is."""
+    sections = RESULTS / "sections"
+    sections.mkdir(exist_ok=True)
     lines = []
     for script in sorted((ROOT / "scripts").glob("results_*.py")):
-        log(f"running {script.name}")
-        done = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise SystemExit(f"{script.name} failed:\n{done.stderr}")
-        lines += [done.stdout.rstrip(), ""]
+        saved = sections / f"{script.stem}.md"
+        if not (reuse and saved.exists()):
+            log(f"running {script.name}")
+            done = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise SystemExit(f"{script.name} failed:\n{done.stderr}")
+            saved.write_text(done.stdout.rstrip() + "\n")
+        lines += [saved.read_text().rstrip(), ""]
     return lines
 
 
@@ -198,7 +204,7 @@ def main() -> None:
     if sweep:
         lines += sweep_section(sweep)
     if not args.skip_sections:
-        lines += other_sections()
+        lines += other_sections(args.reuse)
     lines.append(f"_Generated in {time.perf_counter() - started:.0f} s._")
     DOC.write_text("\n".join(lines) + "\n")
     log(f"wrote {DOC.relative_to(ROOT)}")
