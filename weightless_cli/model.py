@@ -185,7 +185,7 @@ def external_slice(tensor: TensorProto, data_dir: Path, model_path: Path | None 
         raise BadInputError(f"cannot read external-data file {location!r}: {exc.strerror}", where) from None
     if not file.is_file():
         raise BadInputError(f"external-data file {location!r} for tensor {name!r} is not a regular file", where)
-    length = size - offset if length is None else length
+    length = max(size - offset, 0) if length is None else length
     if offset + length > size:
         raise BadInputError(f"external-data file {location!r} is {size} bytes, too short for tensor {name!r} "
                             f"(bytes {offset}..{offset + length}); truncated?", where)
