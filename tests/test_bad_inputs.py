@@ -144,8 +144,6 @@ def test_bad_input_is_one_line_with_its_exit_code(capsys, files, case):
     assert not files["out"].exists() and not files["outwl"].exists()
 
 
-@pytest.mark.xfail(strict=True, reason="cli.py declares -o as click.Path(dir_okay=False): click prints a three-line "
-                                       "usage error (exit 2) instead of one line; see the robustness report")
 def test_output_that_is_a_folder_is_one_line(capsys, files):
     result = run_cli(capsys, "prune", files["mlp"], "-o", files["dir"], "--sparsity", "0.5")
     assert_one_line(result, 2, files["dir"], "is a directory")
@@ -213,13 +211,9 @@ def _run_without_read_override(args: list[str]) -> tuple[int, str]:
     return completed.returncode, completed.stderr
 
 
-_CLICK_READABLE = pytest.mark.xfail(strict=True, reason="cli.py's click.Path arguments check readability "
-                                    "themselves (readable=True): a three-line usage error, exit 2; see the report")
-
-
 @pytest.mark.parametrize("what, args, message", [
-    pytest.param("mlp", ["inspect", "{mlp}"], "cannot read: Permission denied", marks=_CLICK_READABLE),
-    pytest.param("blob", ["verify", "{blob}"], "cannot read: Permission denied", marks=_CLICK_READABLE),
+    ("mlp", ["inspect", "{mlp}"], "cannot read: Permission denied"),
+    ("blob", ["verify", "{blob}"], "cannot read: Permission denied"),
     ("external-data", ["prune", "{external}", "-o", "{out}", "--sparsity", "0.5"],
      "cannot read external-data file 'ext.onnx.data': Permission denied"),
 ])

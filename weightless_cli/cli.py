@@ -34,6 +34,10 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 # --- shared options -----------------------------------------------------------------
 
+# Paths are checked by the stages, not by click: a missing, unreadable or wrong-kind file is bad
+# input (exit 3) with a one-line message, and an output that is a folder is refused by check_writable.
+INPUT_PATH = click.Path(path_type=Path, exists=False, readable=False, dir_okay=True, file_okay=True)
+
 def output_options(command: Callable) -> Callable:
     """--json and --quiet, for every command."""
     command = click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors (and --json output).")(command)
@@ -44,7 +48,7 @@ def output_options(command: Callable) -> Callable:
 def writer_options(command: Callable) -> Callable:
     """-o/--output and -f/--force, for every command that writes a file."""
     command = click.option("-f", "--force", is_flag=True, help="Overwrite OUTPUT if it exists.")(command)
-    return click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+    return click.option("-o", "--output", required=True, type=INPUT_PATH,
                         help="File to write (written to a temporary file, then renamed).")(command)
 
 
@@ -59,8 +63,7 @@ def selection_options(command: Callable) -> Callable:
 
 
 def model_argument(name: str = "model") -> Callable:
-    # exists=False: a missing file is bad input (exit 3) reported by the loader, not a usage error.
-    return click.argument(name, type=click.Path(dir_okay=True, path_type=Path))
+    return click.argument(name, type=INPUT_PATH)
 
 
 def _report_warnings(reporter: Reporter, result: dict) -> None:
@@ -318,7 +321,7 @@ def encode(model: Path, output: Path, force: bool, t: tuple[str, ...], fp_bits: 
 
 
 @cli.command()
-@click.argument("blob", type=click.Path(path_type=Path))
+@click.argument("blob", type=INPUT_PATH)
 @writer_options
 @output_options
 def decode(blob: Path, output: Path, force: bool, as_json: bool, quiet: bool) -> None:
@@ -338,8 +341,8 @@ def decode(blob: Path, output: Path, force: bool, as_json: bool, quiet: bool) ->
 
 
 @cli.command()
-@click.argument("blob", type=click.Path(path_type=Path))
-@click.option("--reference", type=click.Path(path_type=Path),
+@click.argument("blob", type=INPUT_PATH)
+@click.option("--reference", type=INPUT_PATH,
               help="The clustered ONNX the blob was encoded from: compare every tensor with it.")
 @output_options
 def verify(blob: Path, reference: Path | None, as_json: bool, quiet: bool) -> None:
@@ -378,7 +381,7 @@ def eval_options(command: Callable) -> Callable:
     command = click.option("--max-drop", type=click.FloatRange(min=0), metavar="PP",
                            help="Exit 1 when accuracy is more than PP percentage points below the "
                                 "reference's (the CI gate).")(command)
-    command = click.option("--reference", type=click.Path(path_type=Path),
+    command = click.option("--reference", type=INPUT_PATH,
                            help="Compare with this model: top-1 agreement, logit differences.")(command)
     return click.option("--data", "data_spec", required=True, metavar="SPEC",
                         help="mnist, mnist:train, mnist:test, an .npz with x (and y), or a test_data_set_* "
@@ -436,7 +439,7 @@ def eval_command(model: Path, data_spec: str, reference: Path | None, max_drop: 
 
 
 @cli.command("decode-and-eval")
-@click.argument("blob", type=click.Path(path_type=Path))
+@click.argument("blob", type=INPUT_PATH)
 @eval_options
 @output_options
 def decode_and_eval(blob: Path, data_spec: str, reference: Path | None, max_drop: float | None, limit: int | None,
@@ -465,7 +468,7 @@ def decode_and_eval(blob: Path, data_spec: str, reference: Path | None, max_drop
               help="Learning rate (Adam).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--freeze", multiple=True, metavar="GLOB", help="Keep these tensors bit-exact (repeatable).")
-@click.option("--teacher", type=click.Path(path_type=Path),
+@click.option("--teacher", type=INPUT_PATH,
               help="Distil from this model's logits (required when the data has no labels).")
 @click.option("--unshare", is_flag=True, help="Train clustered tensors per weight instead of per shared value.")
 @click.option("--limit", type=click.IntRange(min=1), help="Use only the first N samples.")
@@ -511,7 +514,7 @@ def retrain(model: Path, output: Path, force: bool, data_spec: str, epochs: int,
                    "test_data_set_* folder) with --eval-data.")
 @click.option("--eval-data", "eval_spec", metavar="SPEC", help="Data to measure accuracy on after every step.")
 @click.option("--eval-limit", type=click.IntRange(min=1), help="Measure on the first N samples only.")
-@click.option("--recipe", type=click.Path(path_type=Path),
+@click.option("--recipe", type=INPUT_PATH,
               help="TOML recipe: per-layer sparsity, clusters, t or fp_bits, and epochs (see recipes/).")
 @selection_options
 @output_options

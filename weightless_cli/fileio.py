@@ -20,10 +20,10 @@ from weightless_cli.errors import BadInputError, UsageError
 def check_writable(path: str | os.PathLike, force: bool) -> Path:
     """Refuse to clobber an existing output unless ``force``; fail early on a missing folder."""
     target = Path(path)
-    if target.exists() and not force:
-        raise UsageError("already exists; use -f/--force to overwrite", target)
     if target.is_dir():
         raise UsageError("is a directory", target)
+    if target.exists() and not force:
+        raise UsageError("already exists; use -f/--force to overwrite", target)
     if not target.parent.exists():
         raise BadInputError("output folder does not exist", target.parent)
     return target
