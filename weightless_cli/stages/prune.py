@@ -26,11 +26,20 @@ def prune_count(size: int, sparsity: float) -> int:
 
 
 def smallest_positions(magnitudes: np.ndarray, count: int) -> np.ndarray:
-    """Flat positions of the ``count`` smallest magnitudes, ties by position."""
+    """Flat positions of the ``count`` smallest magnitudes, ties by position.
+
+    The same set as the first ``count`` of a stable argsort, found in linear time: every
+    value below the count-th smallest, then the earliest positions equal to it.
+    """
+    flat = magnitudes.ravel()
     if count <= 0:
         return np.empty(0, dtype=np.int64)
-    # Stable sort keeps equal magnitudes in position order, which is the tie-break.
-    return np.argsort(magnitudes.ravel(), kind="stable")[:count]
+    if count >= flat.size:
+        return np.arange(flat.size)
+    threshold = np.partition(flat, count - 1)[count - 1]
+    below = np.flatnonzero(flat < threshold)
+    ties = np.flatnonzero(flat == threshold)[: count - below.size]
+    return np.concatenate((below, ties))
 
 
 def prune_array(values: np.ndarray, sparsity: float) -> np.ndarray:
@@ -78,16 +87,17 @@ def prune_tensors(
 ) -> list[PrunedTensor]:
     """Prune ``tensors`` in place, each to ``sparsity_for[name]``, or all together to
     ``global_sparsity`` with one threshold."""
-    before = [t.array() for t in tensors]
     if global_sparsity is not None:
-        after = prune_arrays_globally(before, global_sparsity)
-    else:
-        after = [prune_array(values, sparsity_for[t.name]) for t, values in zip(tensors, before, strict=True)]
+        before = [t.array() for t in tensors]
+        pruned = dict(zip((t.name for t in tensors), prune_arrays_globally(before, global_sparsity), strict=True))
     report = []
-    for tensor, old, new in zip(tensors, before, after, strict=True):
-        tensor.set_array(new)
+    for tensor in tensors:
+        # One tensor at a time: only the current pruned copy is held (big models stay bounded).
+        old = tensor.array()
         target = global_sparsity if global_sparsity is not None else sparsity_for[tensor.name]
+        new = pruned.pop(tensor.name) if global_sparsity is not None else prune_array(old, target)
         report.append(PrunedTensor(tensor.name, tensor.params, target, sparsity_of(old), sparsity_of(new)))
+        tensor.set_array(new)
     return report
 
 
