@@ -57,13 +57,26 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
-def read_input_bytes(path: str | os.PathLike) -> bytes:
-    """Read a whole input file, turning OS errors into one-line user errors."""
+@contextlib.contextmanager
+def _input_errors(path: str | os.PathLike) -> Iterator[None]:
+    """Turn OS errors about an input file into one-line user errors."""
     try:
-        return Path(path).read_bytes()
+        yield
     except FileNotFoundError:
         raise BadInputError("no such file", path) from None
     except IsADirectoryError:
         raise BadInputError("is a directory, expected a file", path) from None
     except OSError as exc:
         raise BadInputError(f"cannot read: {exc.strerror}", path) from None
+
+
+def read_input_bytes(path: str | os.PathLike) -> bytes:
+    """Read a whole input file, turning OS errors into one-line user errors."""
+    with _input_errors(path):
+        return Path(path).read_bytes()
+
+
+def check_readable(path: str | os.PathLike) -> Path:
+    """Fail early, in one line, on an input that is missing or unreadable, without reading it."""
+    with _input_errors(path), open(path, "rb"):
+        return Path(path)

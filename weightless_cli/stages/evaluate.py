@@ -20,7 +20,7 @@ import onnxruntime as ort
 
 from weightless_cli.data.datasets import Dataset, Dim, fit_to_input_shape
 from weightless_cli.errors import BadInputError, CheckFailedError, UsageError
-from weightless_cli.fileio import read_input_bytes
+from weightless_cli.fileio import check_readable
 
 DEFAULT_BATCH_SIZE = 1000
 DEFAULT_THREADS = 1
@@ -38,8 +38,10 @@ class ModelRunner:
 
     def __init__(self, model: ModelSource, threads: int | None = None, name: str | None = None) -> None:
         self.name = name or ("<in-memory model>" if isinstance(model, bytes) else str(model))
-        payload = model if isinstance(model, bytes) else read_input_bytes(model)
-        self.session = _open_session(payload, threads or DEFAULT_THREADS, self.name)
+        if not isinstance(model, bytes):
+            # onnxruntime resolves external-data files relative to the model's path, so give it the path.
+            model = str(check_readable(model))
+        self.session = _open_session(model, threads or DEFAULT_THREADS, self.name)
         inputs = self.session.get_inputs()  # initializers are not listed here, only data inputs
         if len(inputs) != 1:
             names = ", ".join(i.name for i in inputs)
@@ -91,7 +93,7 @@ class ModelRunner:
         return np.asarray(output)[:count]
 
 
-def _open_session(payload: bytes, threads: int, name: str) -> ort.InferenceSession:
+def _open_session(payload: bytes | str, threads: int, name: str) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1

@@ -63,7 +63,7 @@ def model_summary(model: OnnxModel) -> dict:
     return {
         "model": str(model.path),
         "file_bytes": model.path.stat().st_size,
-        "opset": {o.domain or "ai.onnx": o.version for o in model.proto.opset_import},
+        "opset": model.opsets,
         "quantized_ops": model.quantized_ops,
         "tensors": [t.to_dict() for t in tensors],
         "totals": {"tensors": len(tensors), "params": total_params, "bytes": total_bytes,
