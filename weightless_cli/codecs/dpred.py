@@ -78,7 +78,9 @@ def round_to(exact: np.ndarray, dtype: str) -> np.ndarray:
     """
     exact = np.asarray(exact, dtype=np.float64)
     if dtype != "bfloat16":
-        return exact.astype(numpy_dtype(dtype))
+        # Out-of-range values (only from a forged scale) become inf, which the decoder then refuses.
+        with np.errstate(over="ignore"):
+            return exact.astype(numpy_dtype(dtype))
     nearest = exact.astype(np.float32)
     widened = nearest.astype(np.float64)
     inexact = widened != exact
@@ -408,4 +410,7 @@ def decode(params: dict[str, int], sections: dict[str, bytes], shape: tuple[int,
     headers = (unpack_bits(sections["headers"], HEADER_BITS[bits], groups).astype(np.int64) if groups
                else np.zeros(0, dtype=np.int64))
     ints = unpack_groups(headers, sections["values"], n_values, bits)
-    return dequantize(as_rows(ints, rows), scales, dtype).reshape(shape)
+    values = dequantize(as_rows(ints, rows), scales, dtype)
+    if not np.isfinite(values.astype(np.float32)).all():  # the encoder never writes inf or NaN
+        raise _fail("values overflow the tensor's dtype (forged scales?)")
+    return values.reshape(shape)
