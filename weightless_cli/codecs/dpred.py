@@ -411,6 +411,6 @@ def decode(params: dict[str, int], sections: dict[str, bytes], shape: tuple[int,
                else np.zeros(0, dtype=np.int64))
     ints = unpack_groups(headers, sections["values"], n_values, bits)
     values = dequantize(as_rows(ints, rows), scales, dtype)
-    if not np.isfinite(values.astype(np.float32)).all():  # the encoder never writes inf or NaN
+    if not np.isfinite(values).all():  # the encoder never writes inf or NaN
         raise _fail("values overflow the tensor's dtype (forged scales?)")
     return values.reshape(shape)
