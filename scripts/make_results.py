@@ -31,6 +31,8 @@ PUBLISHED = {
     "lenet5": [("Deep Compression (Han et al. 2016)", "39×", "0.74 %"),
                ("Weightless (Reagen et al. 2018)", "382×", "1.0 %")],
 }
+# First-milestone targets (issue #5): at least this ratio at most this test error, whole blob vs fp32 file.
+TARGETS = {"lenet-300-100": (100.0, 0.019), "lenet5": (200.0, 0.010)}
 SWEEP_MODEL, SWEEP_LAYER, SWEEP_TS = "lenet-300-100", "fc1.weight", [6, 7, 8, 9, 10, 11, 12]
 
 
@@ -108,8 +110,17 @@ def comparison_table(reports: dict[str, dict]) -> list[str]:
         codecs = sorted({row["codec"] for row in report["tensors"] if row["codec"] != "raw"})
         lines.append(f"| {model} | **this tool: `compress --recipe recipes/{name}.toml`** ({', '.join(codecs)}) | "
                      f"**{report['file']['ratio']:.1f}×** | **{pct(report['error_after'])}** |")
-    return lines + ["", "Published ratios count the weights' storage; ours are the whole blob (graph, biases, "
-                    "headers and checksums included) against the whole fp32 ONNX file.", ""]
+    lines += ["", "Published ratios count the weights' storage; ours are the whole blob (graph, biases, "
+              "headers and checksums included) against the whole fp32 ONNX file.", "", "Targets:", ""]
+    for name, report in reports.items():
+        if name not in TARGETS:
+            continue
+        ratio, error = TARGETS[name]
+        got_ratio, got_error = report["file"]["ratio"], report["error_after"]
+        verdict = "met" if got_ratio >= ratio and got_error <= error else "**not met**"
+        lines.append(f"- {name}: ≥ {ratio:.0f}× at ≤ {pct(error)} — measured {got_ratio:.1f}× at {pct(got_error)}: "
+                     f"{verdict}.")
+    return lines + [""]
 
 
 def sweep_section(rows: list[dict]) -> list[str]:
