@@ -361,7 +361,9 @@ def verify(blob: Path, reference: Path | None, as_json: bool, quiet: bool) -> No
 
     result = verify_file(blob, reference)
     reporter = Reporter(as_json, quiet)
-    reporter.info(f"{blob}: all checksums OK, {len(result['tensors']) or 'no'} tensor(s) compared")
+    compared = (f"{len(result['tensors'])} tensor(s) compared with {reference}" if reference
+                else "give --reference MODEL to compare every tensor")
+    reporter.info(f"{blob}: all checksums OK, {result['decoded_weights']} tensor(s) decoded; {compared}")
     reporter.table("verify", result["tensors"], [
         ("name", "tensor", str), ("codec", "codec", str), ("params", "params", fmt_int),
         ("wrong_nonzeros", "wrong nonzeros", fmt_int), ("false_positives", "false pos.", fmt_int),

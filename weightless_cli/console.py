@@ -76,7 +76,7 @@ class Reporter:
             self.err.print(f"[yellow]warning:[/yellow] {message}", markup=True)
 
     def table(self, title: str, rows: Sequence[dict], columns: Sequence[Column], footer: dict | None = None) -> None:
-        if not self.human:
+        if not self.human or not rows:
             return
         table = Table(title=title, title_justify="left", show_footer=footer is not None)
         for index, (key, header, _) in enumerate(columns):
