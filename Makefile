@@ -46,7 +46,9 @@ PRUNE_FLAGS ?= --sparsity 0.92 --sparsity 'fc3*=0.74'
 QUANT_FLAGS ?= --bits 5
 ENCODE_FLAGS ?= --fp-bits 8
 
-$(DEMO)/%.onnx: sample_models/%.onnx | $(STAMP)
+# An explicit rule: a pattern rule here would win make's shortest-stem match for
+# $(DEMO)/x.quant.onnx and build the chain inside sample_models/.
+$(DEMO)/lenet-300-100.onnx: sample_models/lenet-300-100.onnx | $(STAMP)
 	@mkdir -p $(@D)
 	cp $< $@
 
