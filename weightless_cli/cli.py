@@ -20,7 +20,7 @@ from weightless_cli.console import (
 )
 from weightless_cli.errors import EXIT_BAD_INPUT, UsageError, WeightlessError
 from weightless_cli.fileio import check_writable
-from weightless_cli.model import DEFAULT_MIN_PARAMS, OnnxModel, PerTensor, Selection
+from weightless_cli.model import DEFAULT_MIN_PARAMS, OnnxModel, PerTensor, Selection, bounded_int
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -244,18 +244,8 @@ def quantize(model: Path, output: Path, force: bool, clusters: tuple[str, ...], 
     reporter.result(result)
 
 
-def _parse_t(text: str) -> int:
-    t = int(text)
-    if not 1 <= t <= 16:
-        raise UsageError(f"t must be in 1..16, got {t}")
-    return t
-
-
-def _parse_fp_bits(text: str) -> int:
-    bits = int(text)
-    if not 0 <= bits <= 15:
-        raise UsageError(f"fp-bits must be in 0..15, got {bits}")
-    return bits
+_parse_t = bounded_int("t", 1, 16)
+_parse_fp_bits = bounded_int("fp-bits", 0, 15)
 
 
 @cli.command()

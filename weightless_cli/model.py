@@ -694,6 +694,18 @@ def model_warnings(model: OnnxModel) -> list[str]:
             f"{skipped} tensor(s) feeding those ops are left alone"]
 
 
+def bounded_int(what: str, low: int, high: int) -> Callable[[str], int]:
+    """A parser for PerTensor values: an integer in [low, high], else a UsageError naming ``what``."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if not low <= value <= high:
+            raise UsageError(f"{what} must be in {low}..{high}, got {value}")
+        return value
+
+    return parse
+
+
 @dataclass(frozen=True)
 class PerTensor:
     """A stage setting given as ``VALUE`` (the default) and ``NAME=VALUE`` overrides (NAME may

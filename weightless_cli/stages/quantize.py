@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from weightless_cli.errors import UsageError
-from weightless_cli.model import OnnxModel, PerTensor, Selection, WeightTensor, model_warnings
+from weightless_cli.model import OnnxModel, PerTensor, Selection, WeightTensor, bounded_int, model_warnings
 
 MAX_ITERATIONS = 300
 
@@ -121,18 +121,13 @@ def quantize_tensors(tensors: list[WeightTensor], clusters_for: dict[str, int]) 
     return report
 
 
-def parse_clusters(text: str) -> int:
-    k = int(text)
-    if not 1 <= k <= 65535:
-        raise UsageError(f"clusters must be in 1..65535, got {k}")
-    return k
+parse_clusters = bounded_int("clusters", 1, 65535)
+parse_bit_width = bounded_int("bits", 1, 16)
 
 
 def parse_bits(text: str) -> int:
-    bits = int(text)
-    if not 1 <= bits <= 16:
-        raise UsageError(f"bits must be in 1..16, got {bits}")
-    return 2**bits
+    """``--bits R`` for k-means: 2^R clusters."""
+    return 2 ** parse_bit_width(text)
 
 
 def quantize_file(source: Path, target: Path, selection: Selection, clusters: PerTensor) -> dict:

@@ -22,7 +22,7 @@ import numpy as np
 from weightless_cli.codecs.dpred import bit_patterns, round_to
 from weightless_cli.errors import UsageError
 from weightless_cli.model import OnnxModel, PerTensor, Selection, WeightTensor, model_warnings
-from weightless_cli.stages.quantize import quantize_array
+from weightless_cli.stages.quantize import parse_bit_width, quantize_array
 from weightless_cli.stages.uniform import as_float_array, quantize_rowwise, quantize_uniform
 
 __all__ = ["METHODS", "largest_positions", "outlier_count", "parse_method_bits", "quantize_file",
@@ -104,12 +104,8 @@ def quantize_values(values: np.ndarray, method: str, bits: int, per_channel: boo
     return _quantize_flat(values.reshape(-1), bits, "kmeans", dtype).reshape(values.shape)
 
 
-def parse_method_bits(text: str) -> int:
-    """``--bits`` for the fixed-point methods: the bit width itself (1..16), not a cluster count."""
-    bits = int(text)
-    if not 1 <= bits <= 16:
-        raise UsageError(f"bits must be in 1..16, got {bits}")
-    return bits
+# ``--bits`` for the fixed-point methods: the bit width itself (1..16), not a cluster count.
+parse_method_bits = parse_bit_width
 
 
 def _report_row(tensor: WeightTensor, original: np.ndarray, method: str, bits: int, outliers: float) -> dict:
