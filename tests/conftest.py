@@ -7,12 +7,20 @@ the reason instead of passing vacuously.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from weightless_cli.data import Dataset, fetch_mnist, load_dataset
 from weightless_cli.errors import WeightlessError
+
+# CI runs the same property-test examples every time (a CI run must be repeatable); locally,
+# hypothesis explores new random examples on every run.
+settings.register_profile("ci", derandomize=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_MODELS_DIR = REPO_ROOT / "sample_models"

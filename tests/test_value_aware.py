@@ -268,3 +268,10 @@ def test_lenet_keeps_its_accuracy_with_outliers_at_three_bits(mnist_cache):
     baseline = evaluate(LENET, data).accuracy
     assert accuracy[0.01] > accuracy[0.0] + 0.02
     assert accuracy[0.01] > baseline - 0.005
+
+
+def test_float64_codebook_with_negative_values_round_trips():
+    """Regression: float64 bit patterns of negative values have the top bit set (must compare unsigned)."""
+    values = np.array([-1.5, -1.5, 2.0, 2.0, -0.25], dtype=np.float64)
+    params, sections = outlier.encode(values)
+    assert same_bits(outlier.decode(params, sections, values.shape, "float64"), values)

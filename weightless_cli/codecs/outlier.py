@@ -219,7 +219,8 @@ def decode(params: dict[str, int], sections: dict[str, bytes], shape: tuple[int,
     _check_params(params, n_values)
     k, count = params["k"], params["outliers"]
     codebook = _read_array(sections["codebook"], k, dtype, "codebook")
-    if k > 1 and not (np.diff(bit_patterns(codebook).astype(np.int64)) > 0).all():
+    patterns = bit_patterns(codebook)  # unsigned: a cast to int64 would wrap float64's sign bit
+    if k > 1 and not (patterns[1:] > patterns[:-1]).all():
         raise _fail("codebook entries are not in strictly increasing bit-pattern order")
     stored = _read_array(sections["outliers"], count, dtype if params["wide"] else "float16", "outliers")
     positions = decode_positions(count, params["rice_k"], sections["gaps_high"], sections["gaps_low"], n_values,
