@@ -233,7 +233,10 @@ def quantize(model: Path, output: Path, force: bool, clusters: tuple[str, ...], 
 
         if clusters:
             raise UsageError(f"--method {method}{' --outliers' if outliers else ''} takes --bits, not --clusters")
-        settings = PerTensor.parse(bits, value_aware.parse_method_bits, "--bits")
+        from weightless_cli.stages.quantize import parse_bit_width
+
+        # --bits for the fixed-point methods is the bit width itself, not a cluster count.
+        settings = PerTensor.parse(bits, parse_bit_width, "--bits")
         result = value_aware.quantize_file(model, target, settings.narrow(selection), settings, method, per_channel,
                                            outliers)
         columns = [("bits", "bits", fmt_int), ("levels", "levels", fmt_int)]

@@ -694,6 +694,17 @@ def model_warnings(model: OnnxModel) -> list[str]:
             f"{skipped} tensor(s) feeding those ops are left alone"]
 
 
+def rewrite_file(source: str | os.PathLike, target: str | os.PathLike, selection: Selection,
+                 change: Callable[[list[WeightTensor]], list[dict]], **summary: object) -> dict:
+    """The file wrapper every tensor-rewriting stage shares: load ``source``, let ``change``
+    rewrite the selected tensors in place (returning one report row each), save ``target``."""
+    model = OnnxModel.load(source)
+    rows = change(selection.apply(model))
+    model.save(target)
+    return {"input": str(source), "output": str(target), "warnings": model_warnings(model), **summary,
+            "tensors": rows}
+
+
 def bounded_int(what: str, low: int, high: int) -> Callable[[str], int]:
     """A parser for PerTensor values: an integer in [low, high], else a UsageError naming ``what``."""
 

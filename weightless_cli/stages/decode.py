@@ -146,9 +146,11 @@ def verify_record(record: TensorRecord, reference: np.ndarray) -> dict:
     decoded = decode_record(record)
     row = {"name": record.name, "codec": record.codec, "params": record.n_elements}
     if record.codec == "raw":
-        row["ok"] = decoded.tobytes() == np.asarray(reference, dtype=decoded.dtype).tobytes()
-        row["mismatches"] = int(np.count_nonzero(decoded.ravel().view(np.uint8) !=
-                                                 np.asarray(reference, dtype=decoded.dtype).ravel().view(np.uint8)))
+        # Bit-exact: compare the bytes, so -0.0 and NaN payloads count too.
+        got = np.ascontiguousarray(decoded).view(np.uint8)
+        want = np.ascontiguousarray(np.asarray(reference, dtype=decoded.dtype)).view(np.uint8)
+        row["mismatches"] = int(np.count_nonzero(got != want)) if got.size == want.size else int(got.size)
+        row["ok"] = row["mismatches"] == 0 and got.size == want.size
         return row
     expected, got = np.asarray(reference).ravel(), decoded.ravel()
     stored = expected != 0

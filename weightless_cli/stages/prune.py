@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from weightless_cli.errors import UsageError
-from weightless_cli.model import OnnxModel, PerTensor, Selection, WeightTensor, model_warnings
+from weightless_cli.model import PerTensor, Selection, WeightTensor, rewrite_file
 
 
 def check_sparsity(value: float) -> float:
@@ -104,13 +104,14 @@ def prune_tensors(
 def prune_file(source: Path, target: Path, selection: Selection, sparsity: PerTensor,
                global_sparsity: float | None = None) -> dict:
     """Load ``source``, prune the selected tensors, write ``target``; return the report."""
-    model = OnnxModel.load(source)
-    tensors = selection.apply(model)
-    if global_sparsity is None:
-        missing = [t.name for t in tensors if sparsity.for_name(t.name) is None]
-        if missing:
-            raise UsageError(f"no --sparsity given for {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
-    report = prune_tensors(tensors, {t.name: sparsity.for_name(t.name) for t in tensors}, global_sparsity)
-    model.save(target)
-    return {"input": str(source), "output": str(target), "warnings": model_warnings(model),
-            "tensors": [r.to_dict() for r in report]}
+
+    def change(tensors: list[WeightTensor]) -> list[dict]:
+        if global_sparsity is None:
+            missing = [t.name for t in tensors if sparsity.for_name(t.name) is None]
+            if missing:
+                raise UsageError(f"no --sparsity given for {', '.join(missing[:3])}"
+                                 f"{' ...' if len(missing) > 3 else ''}")
+        report = prune_tensors(tensors, {t.name: sparsity.for_name(t.name) for t in tensors}, global_sparsity)
+        return [r.to_dict() for r in report]
+
+    return rewrite_file(source, target, selection, change)

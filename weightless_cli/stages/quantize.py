@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from weightless_cli.errors import UsageError
-from weightless_cli.model import OnnxModel, PerTensor, Selection, WeightTensor, bounded_int, model_warnings
+from weightless_cli.model import PerTensor, Selection, WeightTensor, bounded_int, rewrite_file
 
 MAX_ITERATIONS = 300
 
@@ -132,12 +132,12 @@ def parse_bits(text: str) -> int:
 
 def quantize_file(source: Path, target: Path, selection: Selection, clusters: PerTensor) -> dict:
     """Load ``source``, cluster the selected tensors, write ``target``; return the report."""
-    model = OnnxModel.load(source)
-    tensors = selection.apply(model)
-    try:
-        report = quantize_tensors(tensors, {t.name: clusters.for_name(t.name) for t in tensors})
-    except UsageError as exc:  # name the file too: the tensor alone may be ambiguous in a pipeline
-        raise UsageError(str(exc), source) from None
-    model.save(target)
-    return {"input": str(source), "output": str(target), "warnings": model_warnings(model),
-            "tensors": [r.to_dict() for r in report]}
+
+    def change(tensors: list[WeightTensor]) -> list[dict]:
+        try:
+            report = quantize_tensors(tensors, {t.name: clusters.for_name(t.name) for t in tensors})
+        except UsageError as exc:  # name the file too: the tensor alone may be ambiguous in a pipeline
+            raise UsageError(str(exc), source) from None
+        return [r.to_dict() for r in report]
+
+    return rewrite_file(source, target, selection, change)

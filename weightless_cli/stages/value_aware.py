@@ -21,11 +21,11 @@ import numpy as np
 
 from weightless_cli.codecs.dpred import bit_patterns, round_to
 from weightless_cli.errors import UsageError
-from weightless_cli.model import OnnxModel, PerTensor, Selection, WeightTensor, model_warnings
-from weightless_cli.stages.quantize import parse_bit_width, quantize_array
+from weightless_cli.model import PerTensor, Selection, WeightTensor, rewrite_file
+from weightless_cli.stages.quantize import quantize_array
 from weightless_cli.stages.uniform import as_float_array, quantize_rowwise, quantize_uniform
 
-__all__ = ["METHODS", "largest_positions", "outlier_count", "parse_method_bits", "quantize_file",
+__all__ = ["METHODS", "largest_positions", "outlier_count", "quantize_file",
            "quantize_values", "quantize_with_outliers"]
 
 METHODS = ("kmeans", "uniform", "rowwise")
@@ -104,10 +104,6 @@ def quantize_values(values: np.ndarray, method: str, bits: int, per_channel: boo
     return _quantize_flat(values.reshape(-1), bits, "kmeans", dtype).reshape(values.shape)
 
 
-# ``--bits`` for the fixed-point methods: the bit width itself (1..16), not a cluster count.
-parse_method_bits = parse_bit_width
-
-
 def _report_row(tensor: WeightTensor, original: np.ndarray, method: str, bits: int, outliers: float) -> dict:
     stored = tensor.array()
     error = stored.astype(np.float64) - original.astype(np.float64)
@@ -136,10 +132,10 @@ def quantize_tensors(tensors: list[WeightTensor], method: str, bits_for: dict[st
 def quantize_file(source: Path, target: Path, selection: Selection, bits: PerTensor, method: str = "kmeans",
                   per_channel: bool = False, outliers: float = 0.0) -> dict:
     """Load ``source``, quantize the selected tensors with ``method``, write ``target``; return the report."""
-    model = OnnxModel.load(source)
-    tensors = selection.apply(model)
-    report = quantize_tensors(tensors, method, {t.name: bits.for_name(t.name) for t in tensors}, per_channel,
-                              outliers)
-    model.save(target)
-    return {"input": str(source), "output": str(target), "warnings": model_warnings(model), "method": method,
-            "per_channel": per_channel, "outlier_fraction": outliers, "tensors": report}
+
+    def change(tensors: list[WeightTensor]) -> list[dict]:
+        return quantize_tensors(tensors, method, {t.name: bits.for_name(t.name) for t in tensors}, per_channel,
+                                outliers)
+
+    return rewrite_file(source, target, selection, change, method=method, per_channel=per_channel,
+                        outlier_fraction=outliers)
