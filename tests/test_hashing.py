@@ -20,20 +20,16 @@ uint32s = st.integers(0, (1 << 32) - 1)
 uint64s = st.integers(0, MASK64)
 
 
-@settings(max_examples=60, deadline=None)
-@given(keys=st.lists(uint32s, min_size=1, max_size=200), seed=uint32s)
-def test_murmur3_32_matches_mmh3_on_4_byte_keys(keys, seed):
-    ours = murmur3_32(np.array(keys, dtype=np.uint32), seed)
-    reference = [mmh3.hash(k.to_bytes(4, "little"), seed, signed=False) for k in keys]
-    assert ours.tolist() == reference
+@pytest.mark.parametrize("width, dtype, values", [(4, np.uint32, uint32s), (8, np.uint64, uint64s)])
+def test_murmur3_32_matches_mmh3(width, dtype, values):
+    @settings(max_examples=60, deadline=None)
+    @given(keys=st.lists(values, min_size=1, max_size=200), seed=uint32s)
+    def check(keys, seed):
+        ours = murmur3_32(np.array(keys, dtype=dtype), seed)
+        reference = [mmh3.hash(k.to_bytes(width, "little"), seed, signed=False) for k in keys]
+        assert ours.tolist() == reference
 
-
-@settings(max_examples=60, deadline=None)
-@given(keys=st.lists(uint64s, min_size=1, max_size=200), seed=uint32s)
-def test_murmur3_32_matches_mmh3_on_8_byte_keys(keys, seed):
-    ours = murmur3_32(np.array(keys, dtype=np.uint64), seed)
-    reference = [mmh3.hash(k.to_bytes(8, "little"), seed, signed=False) for k in keys]
-    assert ours.tolist() == reference
+    check()
 
 
 def test_murmur3_32_rejects_other_dtypes_and_seeds():
