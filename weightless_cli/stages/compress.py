@@ -223,7 +223,7 @@ def compress_file(source: Path, target: Path, train_spec: str, test_spec: str, r
         raise UsageError("the training data has no labels; set distill = true in the recipe", source)
     loop = _Loop(model, train, test, recipe, log)
     if recipe.distill:
-        loop.teacher = teacher_logits(OnnxModel.load(source), train.x)
+        loop.teacher = teacher_logits(model, train.x)  # before any change: the original is the teacher
     baseline = loop.measure(None, "original")
     for plan in recipe.layers:
         loop.compress_layer(plan)
@@ -259,7 +259,7 @@ def sweep_t(source: Path, train_spec: str, test_spec: str, recipe: Recipe, layer
     test = load_dataset(test_spec, shape, test_limit)
     loop = _Loop(model, train, test, recipe, log)
     if recipe.distill:
-        loop.teacher = teacher_logits(OnnxModel.load(source), train.x)
+        loop.teacher = teacher_logits(model, train.x)  # before any change: the original is the teacher
     for plan in recipe.layers[: [p.name for p in recipe.layers].index(layer)]:
         loop.compress_layer(plan)
     loop.prepare_layer(plans[layer])
