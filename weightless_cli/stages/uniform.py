@@ -69,13 +69,13 @@ def encode_record(tensor: WeightTensor, codec: str) -> tuple[TensorRecord, dict]
     """
     if codec not in VALUE_CODECS:
         raise UsageError(f"unknown codec {codec!r} (choose from {', '.join(sorted(VALUE_CODECS))})")
+    values = tensor.array()
     try:
-        params, sections = VALUE_CODECS[codec].encode(tensor.array())
+        params, sections = VALUE_CODECS[codec].encode(values)
     except UsageError as exc:
         raise UsageError(str(exc), tensor.name) from None
     record = TensorRecord(tensor.name, tensor.shape, tensor.dtype, codec, params, sections)
     encoded = sum(len(section) for section in sections.values())
-    values = tensor.array()
     row = {"name": tensor.name, "codec": codec, "params": tensor.params, "nonzeros": int(np.count_nonzero(values)),
            "k": int(np.unique(dpred.bit_patterns(values[values != 0])).size), "bits": 8 * encoded,
            "bits_per_value": 8 * encoded / max(tensor.params, 1), "codec_params": params,
