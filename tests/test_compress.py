@@ -108,3 +108,27 @@ def test_recipe_covering_every_tensor_on_npz_data(capsys, tmp_path):
     assert "raw" not in codecs.values() and codecs["fc2.weight"] == "sparse"
     assert not [row for row in result.json()["steps"] if row["layer"] == "fc1.bias" and "pruned" in row["step"]]
     assert run_cli(capsys, "verify", blob).code == 0
+
+
+def test_prune_together_prunes_every_layer_in_lockstep_before_the_loop(capsys, tmp_path):
+    import numpy as np
+
+    from tests import onnx_factory as factory
+
+    src = factory.save(factory.mlp(sizes=(32, 24, 4)), tmp_path / "m.onnx")
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "d.npz", x=rng.normal(size=(256, 32)).astype(np.float32), y=rng.integers(0, 4, 256))
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("prune_steps = 2\nprune_together = true\nbatch_size = 64\n" + "".join(
+        f"[[layer]]\nname = '{name}'\nsparsity = {sparsity}\nclusters = 4\ncodec = 'auto'\n"
+        for name, sparsity in [("fc1.weight", 0.75), ("fc2.weight", 0.5)]))
+    result = run_cli(capsys, "compress", src, "--data", tmp_path / "d.npz", "--recipe", recipe,
+                     "-o", tmp_path / "m.wl", "--json")
+    assert result.code == 0, result.err
+    steps = [(row["layer"], row["step"]) for row in result.json()["steps"]]
+    assert steps[1:3] == [(None, "all layers pruned, step 1 of 2"), (None, "all layers pruned, step 2 of 2")]
+    assert not [step for layer, step in steps if layer and step.startswith("pruned")]
+    sparsity = {row["name"]: 1 - row["nonzeros"] / row["params"] for row in result.json()["tensors"]
+                if row["name"].endswith("weight")}
+    assert sparsity["fc1.weight"] == pytest.approx(0.75, abs=0.01)
+    assert sparsity["fc2.weight"] == pytest.approx(0.5, abs=0.02)

@@ -4,6 +4,8 @@ For each layer of the recipe, in order:
 
 1. gradual magnitude pruning to its target sparsity, retraining between steps
    (the cubic schedule of Zhu & Gupta 2017: most weights go early, the last few gently);
+   with ``prune_together`` every layer is pruned in the same steps before the loop starts,
+   so the whole network adapts at once and each retraining epoch serves every layer;
 2. k-means weight sharing to K values, then retraining of the centroids;
 3. encoding, and replacing the layer by its *decoded* weights — the filter's false
    positives included — so that the network learns to live with them;
@@ -63,6 +65,7 @@ class Recipe:
     layers: tuple[LayerPlan, ...]
     prune_steps: int = 3
     prune_epochs: int = 1
+    prune_together: bool = False
     centroid_epochs: int = 1
     retrain_epochs: int = 1
     final_epochs: int = 0
@@ -176,6 +179,17 @@ class _Loop:
         return sum(self.encoded[t.name][1]["encoded_bytes"] if t.name in self.encoded else t.nbytes
                    for t in self.model.weights if not t.quantized)
 
+    def prune_together(self) -> None:
+        """Every layer's gradual pruning, step by step in lockstep, retraining the whole network between steps."""
+        plans = [plan for plan in self.recipe.layers if plan.sparsity > 0]
+        schedules = [gradual_sparsities(plan.sparsity, self.recipe.prune_steps) for plan in plans]
+        for step in range(self.recipe.prune_steps):
+            for plan, schedule in zip(plans, schedules, strict=True):
+                tensor = self.model.weight(plan.name)
+                tensor.set_array(prune_array(tensor.array(), schedule[step]))
+            self.retrain(self.recipe.prune_epochs)
+            self.measure(None, f"all layers pruned, step {step + 1} of {self.recipe.prune_steps}")
+
     def compress_layer(self, plan: LayerPlan) -> None:
         self.prepare_layer(plan)
         self.encode_layer(plan)
@@ -183,7 +197,7 @@ class _Loop:
     def prepare_layer(self, plan: LayerPlan) -> None:
         """Prune gradually, cluster, retrain the centroids."""
         tensor = self.model.weight(plan.name)
-        if plan.sparsity > 0:  # e.g. biases are only clustered
+        if plan.sparsity > 0 and not self.recipe.prune_together:  # e.g. biases are only clustered
             for sparsity in gradual_sparsities(plan.sparsity, self.recipe.prune_steps):
                 tensor.set_array(prune_array(tensor.array(), sparsity))
                 self.retrain(self.recipe.prune_epochs)
@@ -225,6 +239,8 @@ def compress_file(source: Path, target: Path, train_spec: str, test_spec: str, r
     if recipe.distill:
         loop.teacher = teacher_logits(model, train.x)  # before any change: the original is the teacher
     baseline = loop.measure(None, "original")
+    if recipe.prune_together:
+        loop.prune_together()
     for plan in recipe.layers:
         loop.compress_layer(plan)
     if recipe.final_epochs:
@@ -260,6 +276,8 @@ def sweep_t(source: Path, train_spec: str, test_spec: str, recipe: Recipe, layer
     loop = _Loop(model, train, test, recipe, log)
     if recipe.distill:
         loop.teacher = teacher_logits(model, train.x)  # before any change: the original is the teacher
+    if recipe.prune_together:
+        loop.prune_together()
     for plan in recipe.layers[: [p.name for p in recipe.layers].index(layer)]:
         loop.compress_layer(plan)
     loop.prepare_layer(plans[layer])
