@@ -4,14 +4,20 @@ This module is the executable form of ``docs/FORMAT.md``; keep the two in step (
 example in the spec with :func:`describe_layout` of the same blob). It is pure: bytes in, bytes out. It knows
 nothing of ONNX or click; codecs hand it their parameters as small named integers and their payloads as bytes.
 
-File layout (every integer little-endian)::
+File layout (format 2.0; fixed-width integers little-endian)::
 
     preamble | file record | graph payload | (tensor record | its payloads) * tensor_count | crc32 trailer
 
-A *record* is ``u32 body_length | body | u32 crc32(body)``; its body ends with a *section table* whose entries
-give each following payload's length, encoding (stored or raw LZMA2) and CRC32. The reader checks every length
-against the bytes that are really there and every size against a documented cap *before* slicing, allocating
-or decompressing, so malformed input can only ever raise :class:`~weightless_cli.errors.BadInputError`.
+A *record* is ``varint body_length | body | u32 crc32(body)``. Every integer in a body is an unsigned LEB128
+varint (signed codec parameters zigzagged), and nothing the codec table already fixes is stored: a tensor
+names its codec by a one-byte tag, and the codec's parameter names, section names and their order come from
+:data:`CODECS`, so a body holds only values. It ends with a *section table* giving each following payload's
+encoding (stored or raw LZMA2), length and CRC32. The reader checks every length against the bytes really
+there and every size against a documented cap *before* slicing, allocating or decompressing, so malformed
+input can only ever raise :class:`~weightless_cli.errors.BadInputError`.
+
+Format 1.x (fixed-width fields, named parameters and sections) is still read: one parser serves both, its
+cursor reading each integer field as a varint or at its 1.x width by the file's major version.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ __all__ = [
     "FORMAT_MAJOR",
     "FORMAT_MINOR",
     "MAGIC",
+    "OLDER_MAJORS",
     "Blob",
     "CodecSpec",
     "DtypeInfo",
@@ -54,13 +61,14 @@ __all__ = [
     "write_blob",
 ]
 
-# --- format constants (docs/FORMAT.md, "Preamble") -------------------------------------------------------
+# --- format constants (docs/FORMAT.md, "Preamble" and "Version policy") --------------------------------------
 
 # PNG-style magic: the high-bit byte catches 7-bit transports, CR LF / LF catch newline translation and
 # 0x1A stops `type` on Windows consoles.
 MAGIC = b"\x89WLB\r\n\x1a\n"
-FORMAT_MAJOR = 1
-FORMAT_MINOR = 1  # 1: codecs sparse, csr-huffman, dense, dpred, outlier, rowwise
+FORMAT_MAJOR = 2  # what the writer writes
+FORMAT_MINOR = 0
+OLDER_MAJORS = (1,)  # also read: 1.0 and 1.1 files exist
 WRITER_KEY = "writer"
 
 _PREAMBLE = struct.Struct("<8sHHQ")  # magic, major, minor, file_length; a crc32 of these 20 bytes follows
@@ -76,6 +84,8 @@ LZMA_PRESET = 6
 _LZMA_MIN_DICT = 4096  # liblzma's minimum
 _LZMA_MAX_DICT = 8 << 20  # preset 6's own dictionary; keeps the encoder near 100 MB
 
+MAX_VARINT_BYTES = 10  # ceil(64 / 7): every value below 2^64
+
 # --- limits (docs/FORMAT.md, "Limits"); checked on write and, before any allocation, on read ------------
 
 MAX_TENSORS = 65536
@@ -83,8 +93,8 @@ MAX_NDIM = 8
 MAX_ELEMENTS = 2**32  # per tensor; also the cap on each single dimension
 MAX_NAME_BYTES = 4096  # tensor names, UTF-8
 MAX_ID_BYTES = 32  # codec ids, parameter names, section names (ASCII)
-MAX_PARAMS = 64
-MAX_SECTIONS = 16
+MAX_PARAMS = 64  # 1.x files, which list parameters by name
+MAX_SECTIONS = 16  # 1.x files, which list sections by name
 MAX_METADATA_ENTRIES = 1024
 MAX_METADATA_KEY_BYTES = 256
 MAX_METADATA_VALUE_BYTES = 65535
@@ -103,7 +113,7 @@ class _Invalid(Exception):
 
 
 class _Unsupported(_Invalid):
-    """Well-formed, but uses something (a codec id, a dtype tag) that a newer weightless may know."""
+    """Well-formed, but uses something (a codec, a dtype tag) that a newer weightless may know."""
 
     kind = "unsupported"
 
@@ -148,16 +158,18 @@ SizeCheck = Callable[[int, int, Mapping[str, int]], None]
 class CodecSpec:
     """What the container enforces for one codec id; the codec module validates the meaning of its params.
 
-    ``sections`` are exactly the payload names a record must carry; only those in ``compressible`` may be
-    stored LZMA2-compressed (the writer does so when it saves bytes). ``params`` is the exact set of parameter
-    names, or None when the codec defines and validates its own. ``check_sizes(n_elements, itemsize,
+    ``tag`` is the codec's number in a 2.x file (None: not a tensor codec). ``sections`` are exactly the
+    payload names a record carries and ``params`` exactly its parameter names, each in byte order, which is
+    the order a 2.x file stores them in (values only). Only sections in ``compressible`` may be stored
+    LZMA2-compressed (the writer does so when it saves bytes). ``check_sizes(n_elements, itemsize,
     decoded_sizes)`` rejects section sizes that cannot belong to the tensor; it runs before any payload is
     read, so it is what bounds decompression.
     """
 
+    tag: int | None
     sections: tuple[str, ...]
     compressible: frozenset[str]
-    params: frozenset[str] | None
+    params: tuple[str, ...]
     check_sizes: SizeCheck
 
 
@@ -235,31 +247,36 @@ def _graph_sizes(n_elements: int, itemsize: int, sizes: Mapping[str, int]) -> No
         raise _Invalid(f"graph is {sizes['graph']} bytes (limit {MAX_GRAPH_BYTES})")
 
 
-# A new codec is a new row here plus a row in docs/FORMAT.md's codec table and a minor version bump.
+# A new codec is a new row here (the next free tag) plus a row in docs/FORMAT.md's codec table and a minor
+# version bump. A row's tag, params and sections are frozen once released: a 2.x file stores parameter values
+# and section entries by position in these tuples. Bloomier's names repeat bloomier.PARAM_NAMES (a test
+# checks they agree) rather than import them, so that editing the codec can never silently move the format.
 CODECS: dict[str, CodecSpec] = {
-    "raw": CodecSpec(("data",), frozenset({"data"}), frozenset(), _raw_sizes),
-    "bloomier": CodecSpec(("cells", "codebook"), frozenset(), None, _bloomier_sizes),
+    "raw": CodecSpec(0, ("data",), frozenset({"data"}), (), _raw_sizes),
+    "bloomier": CodecSpec(
+        1, ("cells", "codebook"), frozenset(),
+        ("cells", "keys", "layout", "n_positions", "seed", "segment_count", "segment_length", "t"),
+        _bloomier_sizes,
+    ),
     "sparse": CodecSpec(
-        ("codebook", "model", "stream"),
-        frozenset({"model"}),
-        frozenset({"n", "mode", "class_bits", "classes", "dead_rows", "dead_cols"}),
-        _sparse_sizes,
+        2, ("codebook", "model", "stream"), frozenset({"model"}),
+        ("class_bits", "classes", "dead_cols", "dead_rows", "mode", "n"), _sparse_sizes,
     ),
     "csr-huffman": CodecSpec(
-        ("codebook", "gaps", "ids", "lengths"), frozenset({"lengths"}), frozenset({"bits", "entries"}),
-        _csr_huffman_sizes,
+        3, ("codebook", "gaps", "ids", "lengths"), frozenset({"lengths"}), ("bits", "entries"), _csr_huffman_sizes,
     ),
-    "dense": CodecSpec(("codebook", "model", "stream"), frozenset({"model"}), frozenset(), _dense_sizes),
-    "dpred": CodecSpec(("headers", "scales", "values"), frozenset({"headers", "values"}),
-                       frozenset({"bits", "per_channel"}), _dpred_sizes),
-    "outlier": CodecSpec(("codebook", "gaps_high", "gaps_low", "ids", "outliers"),
+    "dense": CodecSpec(4, ("codebook", "model", "stream"), frozenset({"model"}), (), _dense_sizes),
+    "dpred": CodecSpec(5, ("headers", "scales", "values"), frozenset({"headers", "values"}),
+                       ("bits", "per_channel"), _dpred_sizes),
+    "outlier": CodecSpec(6, ("codebook", "gaps_high", "gaps_low", "ids", "outliers"),
                          frozenset({"gaps_high", "gaps_low", "ids", "outliers"}),
-                         frozenset({"k", "outliers", "rice_k", "wide"}), _outlier_sizes),
-    "rowwise": CodecSpec(("biases", "exc_high", "exc_low", "exc_values", "ints", "scales"),
+                         ("k", "outliers", "rice_k", "wide"), _outlier_sizes),
+    "rowwise": CodecSpec(7, ("biases", "exc_high", "exc_low", "exc_values", "ints", "scales"),
                          frozenset({"biases", "exc_high", "exc_low", "exc_values", "ints", "scales"}),
-                         frozenset({"bits", "exceptions", "rice_k"}), _rowwise_sizes),
+                         ("bits", "exceptions", "rice_k"), _rowwise_sizes),
 }
-_BLOB_SECTIONS = CodecSpec(("graph",), frozenset({"graph"}), frozenset(), _graph_sizes)
+_CODEC_BY_TAG = {spec.tag: codec for codec, spec in CODECS.items()}
+_BLOB_SECTIONS = CodecSpec(None, ("graph",), frozenset({"graph"}), (), _graph_sizes)
 
 
 def _codec_spec(codec: str) -> CodecSpec:
@@ -407,12 +424,12 @@ def _check_params(spec: CodecSpec, params: Mapping[str, int]) -> None:
             raise _Invalid(f"param {key!r} is {type(value).__name__}, expected int")
         if not _INT64_MIN <= int(value) <= _INT64_MAX:
             raise _Invalid(f"param {key!r} = {value} does not fit in int64")
-    if spec.params is not None and set(params) != spec.params:
-        raise _Invalid(f"params {sorted(params)} do not match the codec's {sorted(spec.params)}")
+    if sorted(params) != list(spec.params):
+        raise _Invalid(f"params {sorted(params)} do not match the codec's {list(spec.params)}")
 
 
 def _check_section_names(spec: CodecSpec, names: list[str]) -> None:
-    if sorted(names) != sorted(spec.sections):
+    if sorted(names) != list(spec.sections):
         raise _Invalid(f"sections {sorted(names)} do not match the expected {list(spec.sections)}")
 
 
@@ -426,6 +443,50 @@ def _check_metadata_entry(key: bytes, value: bytes) -> None:
 def _check_name_bytes(encoded: bytes) -> None:
     if not 1 <= len(encoded) <= MAX_NAME_BYTES:
         raise _Invalid(f"tensor name of {len(encoded)} bytes (allowed 1..{MAX_NAME_BYTES})")
+
+
+def _check_encoding(spec: CodecSpec, name: str, encoding: int, stored_len: int, decoded_len: int,
+                    major: int) -> None:
+    where = f"section {name!r}"
+    if encoding == ENCODING_STORED:
+        if stored_len != decoded_len:
+            raise _Invalid(f"stored {where} declares {decoded_len} decoded bytes but holds {stored_len}")
+    elif encoding == ENCODING_LZMA2:
+        if name not in spec.compressible:
+            raise _Invalid(f"{where} may not be compressed")
+        if stored_len == 0:
+            raise _Invalid(f"compressed {where} is empty")
+        # 2.x: compressed only when that saves bytes, as the writer does (1.x did not say so)
+        if major >= 2 and stored_len >= decoded_len:
+            raise _Invalid(f"compressed {where} of {stored_len} bytes is not smaller than its {decoded_len}")
+    else:
+        raise _Invalid(f"{where} has unknown encoding {encoding}")
+
+
+# --- varints (format 2.x) ------------------------------------------------------------------------------------
+
+
+def _varint(value: int) -> bytes:
+    """Unsigned LEB128, minimal: 7 bits per byte, low groups first, high bit set on all but the last byte."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _zigzag(value: int) -> int:
+    """int64 -> uint64 with small magnitudes small: 0, -1, 1, -2 ... become 0, 1, 2, 3 ..."""
+    return (value << 1) ^ (value >> 63)
+
+
+def _unzigzag(value: int) -> int:
+    return (value >> 1) ^ -(value & 1)
+
+
+def _text(encoded: bytes) -> bytes:
+    return _varint(len(encoded)) + encoded
 
 
 # --- writer --------------------------------------------------------------------------------------------------
@@ -445,31 +506,27 @@ def _encode_payload(data: bytes, compressible: bool) -> tuple[int, bytes]:
     return ENCODING_STORED, data
 
 
-def _u8_string(text: str) -> bytes:
-    encoded = text.encode("ascii")
-    return struct.pack("<B", len(encoded)) + encoded
-
-
 def _section_table(spec: CodecSpec, sections: Mapping[str, bytes]) -> tuple[bytes, list[bytes]]:
-    """The table for the record body and the payloads that follow the record, in sorted name order."""
-    table = [struct.pack("<B", len(sections))]
+    """The table for the record body and the payloads that follow the record, in the codec's section order."""
+    table = []
     payloads = []
-    for name in sorted(sections):
+    for name in spec.sections:
         decoded = sections[name]
         encoding, stored = _encode_payload(decoded, name in spec.compressible)
-        table += [
-            _u8_string(name),
-            struct.pack("<BQQI", encoding, len(stored), len(decoded), zlib.crc32(stored)),
-        ]
+        table += [_varint(encoding), _varint(len(stored))]
+        if encoding == ENCODING_LZMA2:  # a stored section's decoded length is its stored length
+            table.append(_varint(len(decoded)))
+        table.append(struct.pack("<I", zlib.crc32(stored)))
         payloads.append(stored)
     return b"".join(table), payloads
 
 
 def _frame(body: bytes) -> bytes:
-    return struct.pack("<I", len(body)) + body + struct.pack("<I", zlib.crc32(body))
+    return _varint(len(body)) + body + struct.pack("<I", zlib.crc32(body))
 
 
 def _tensor_parts(record: TensorRecord) -> list[bytes]:
+    """The framed tensor record, then its payloads."""
     name = record.name.encode("utf-8") if isinstance(record.name, str) else b""
     _check_name_bytes(name)
     info = _dtype_info(record.dtype)
@@ -480,22 +537,22 @@ def _tensor_parts(record: TensorRecord) -> list[bytes]:
     sections = {name: bytes(data) for name, data in record.sections.items()}  # no copy for bytes
     _check_section_names(spec, list(sections))
     spec.check_sizes(n_elements, info.itemsize, {name: len(data) for name, data in sections.items()})
-    body = [struct.pack("<H", len(name)), name, struct.pack("<BB", info.tag, len(record.shape))]
-    body += [struct.pack("<Q", dim) for dim in record.shape]
-    body += [_u8_string(record.codec), struct.pack("<B", len(record.params))]
-    body += [_u8_string(key) + struct.pack("<q", int(record.params[key])) for key in sorted(record.params)]
+    body = [_text(name), _varint(info.tag), _varint(len(record.shape)), *map(_varint, record.shape)]
+    body.append(_varint(spec.tag))
+    body += [_varint(_zigzag(int(record.params[key]))) for key in spec.params]
     table, payloads = _section_table(spec, sections)
     return [_frame(b"".join(body) + table), *payloads]
 
 
 def _file_parts(blob: Blob, metadata: Mapping[str, str]) -> list[bytes]:
+    """The framed file record, then the graph payload."""
     _check_count("tensors", len(blob.tensors), MAX_TENSORS)
     _check_count("metadata entries", len(metadata), MAX_METADATA_ENTRIES)
     entries = sorted((key.encode("utf-8"), value.encode("utf-8")) for key, value in metadata.items())
-    body = [struct.pack("<IH", len(blob.tensors), len(entries))]
+    body = [_varint(len(blob.tensors)), _varint(len(entries))]
     for key, value in entries:
         _check_metadata_entry(key, value)
-        body += [struct.pack("<H", len(key)), key, struct.pack("<H", len(value)), value]
+        body += [_text(key), _text(value)]
     graph = bytes(blob.graph)
     _BLOB_SECTIONS.check_sizes(0, 1, {"graph": len(graph)})
     table, payloads = _section_table(_BLOB_SECTIONS, {"graph": graph})
@@ -503,7 +560,7 @@ def _file_parts(blob: Blob, metadata: Mapping[str, str]) -> list[bytes]:
 
 
 def write_blob(blob: Blob) -> bytes:
-    """Serialise ``blob``; byte-identical for equal input. Adds ``writer`` metadata unless the caller set it.
+    """Serialise ``blob`` in format 2.0; byte-identical for equal input. Adds ``writer`` metadata unless set.
 
     Raises BadInputError (one line, naming the tensor) when something exceeds a documented limit.
     """
@@ -538,48 +595,98 @@ class _Located(_Invalid):
     """An :class:`_Invalid` whose message already says where (so enclosing contexts leave it alone)."""
 
 
-class _Cursor:
-    """Bounds-checked reads from ``buf[pos:end]``.
+def _named(value: int, names: Mapping[int, str] | None) -> str:
+    return f"{value} ({names[value]})" if names and value in names else str(value)
 
-    With a ``trace`` list it also records (offset, bytes, label, value) for every field, labels prefixed
-    by ``context`` (e.g. ``tensor 0 'fc.weight'``), which is what :func:`describe_layout` prints.
+
+class _Cursor:
+    """Bounds-checked reads from ``buf[pos:end]`` of a file of format ``major``.
+
+    The field readers take each integer's 1.x width (``legacy``); in 2.x every such field is a varint, so one
+    parser reads both. With a ``trace`` list it also records (offset, bytes, label, value) for every field,
+    labels prefixed by ``context`` (e.g. ``tensor 0 'fc.weight'``), which is what :func:`describe_layout` prints.
     """
 
-    def __init__(self, buf: memoryview, pos: int, end: int, trace: list | None, context: str = "") -> None:
-        self.buf, self.pos, self.end, self.trace, self.context = buf, pos, end, trace, context
+    def __init__(self, buf: memoryview, pos: int, end: int, trace: list | None, context: str = "",
+                 major: int = FORMAT_MAJOR) -> None:
+        self.buf, self.pos, self.end, self.trace, self.context, self.major = buf, pos, end, trace, context, major
 
     def remaining(self) -> int:
         return self.end - self.pos
 
-    def _record(self, offset: int, raw: bytes, label: str, shown: str) -> None:
+    def sub(self, start: int, end: int) -> _Cursor:
+        """A cursor over ``buf[start:end]`` with this one's trace, context and version."""
+        return _Cursor(self.buf, start, end, self.trace, self.context, self.major)
+
+    def _record(self, offset: int, label: str, shown: str) -> None:
         if self.trace is not None:
+            raw = bytes(self.buf[offset : self.pos])
             self.trace.append((offset, raw, f"{self.context} {label}" if self.context else label, shown))
 
     def take(self, size: int, label: str, shown: str | None = None) -> memoryview:
         if size > self.remaining():
             raise _Invalid(f"{label} needs {size} bytes at offset {self.pos}, only {self.remaining()} remain")
         view = self.buf[self.pos : self.pos + size]
-        if shown is not None:
-            self._record(self.pos, bytes(view), label, shown)
         self.pos += size
+        if shown is not None:
+            self._record(self.pos - size, label, shown)
         return view
 
-    def number(self, form: struct.Struct, label: str, as_hex: bool = False) -> int:
+    def number(self, form: struct.Struct, label: str, as_hex: bool = False,
+               names: Mapping[int, str] | None = None) -> int:
+        """A fixed-width little-endian integer (CRCs in every version; most fields in 1.x)."""
         offset = self.pos
-        raw = self.take(form.size, label)
-        (value,) = form.unpack(raw)
-        if self.trace is not None:
-            self._record(offset, bytes(raw), label, f"0x{value:08x}" if as_hex else str(value))
+        (value,) = form.unpack(self.take(form.size, label))
+        self._record(offset, label, f"0x{value:08x}" if as_hex else _named(value, names))
         return value
 
-    def text(self, length_form: struct.Struct, label: str, ascii_only: bool) -> str:
-        size = self.number(length_form, f"{label} length")
+    def _varint(self, label: str) -> int:
+        """Unsigned LEB128; refuses a non-minimal encoding (so the bytes stay canonical) and values >= 2^64."""
+        value = 0
+        for index in range(MAX_VARINT_BYTES):
+            if self.pos >= self.end:
+                raise _Invalid(f"{label} runs past the end of the record at offset {self.pos}")
+            byte = self.buf[self.pos]
+            self.pos += 1
+            value |= (byte & 0x7F) << (7 * index)
+            if byte < 0x80:
+                if byte == 0 and index:
+                    raise _Invalid(f"{label} is not minimally encoded (offset {self.pos - 1})")
+                if value >> 64:
+                    raise _Invalid(f"{label} does not fit in 64 bits")
+                return value
+        raise _Invalid(f"{label} is longer than {MAX_VARINT_BYTES} bytes")
+
+    def varint(self, label: str, names: Mapping[int, str] | None = None) -> int:
+        offset = self.pos
+        value = self._varint(label)
+        self._record(offset, label, _named(value, names))
+        return value
+
+    def uint(self, label: str, legacy: struct.Struct, names: Mapping[int, str] | None = None) -> int:
+        """A non-negative integer field: a varint in 2.x, ``legacy`` (fixed width) in 1.x."""
+        return self.number(legacy, label, names=names) if self.major == 1 else self.varint(label, names)
+
+    def sint(self, label: str) -> int:
+        """A signed 64-bit field: a zigzag varint in 2.x, an i64 in 1.x."""
+        if self.major == 1:
+            return self.number(_I64, label)
+        offset = self.pos
+        value = _unzigzag(self._varint(label))
+        self._record(offset, label, str(value))
+        return value
+
+    def text(self, label: str, legacy: struct.Struct, ascii_only: bool, limit: int) -> str:
+        """A length-prefixed string; its length is checked against ``limit`` before anything is sliced."""
+        size = self.uint(f"{label} length", legacy)
+        if size > limit:
+            raise _Invalid(f"{label} of {size} bytes (limit {limit})")
         raw = bytes(self.take(size, label))
         try:
             text = raw.decode("ascii" if ascii_only else "utf-8")
         except UnicodeDecodeError:
             raise _Invalid(f"{label} is not valid {'ASCII' if ascii_only else 'UTF-8'}") from None
-        self._record(self.pos - size, raw, label, _show(text))
+        self._record(self.pos - size, label, _show(text))
         return text
 
     def done(self) -> None:
@@ -617,47 +724,45 @@ class _SectionEntry:
 
 def _read_record(cur: _Cursor) -> _Cursor:
     """Check a record's frame and CRC; return a cursor over its body (whose fields are then parsed)."""
-    body_len = cur.number(_U32, "body length")
+    body_len = cur.uint("body length", _U32)
     start = cur.pos
     body = cur.take(body_len, "body")
     stored_crc = cur.number(_U32, "crc32", as_hex=True)
     if zlib.crc32(body) != stored_crc:
         raise _Invalid("checksum mismatch")
-    return _Cursor(cur.buf, start, start + body_len, cur.trace, cur.context)
+    return cur.sub(start, start + body_len)
+
+
+def _read_section_entry(body: _Cursor, spec: CodecSpec, name: str) -> _SectionEntry:
+    """One entry after its name: 1.x always stores the decoded length, 2.x only for LZMA2."""
+    where = f"section {name!r}"
+    encoding = body.uint(f"{where} encoding", _U8, names=_ENCODING_NAMES)
+    if encoding not in _ENCODING_NAMES:
+        raise _Invalid(f"{where} has unknown encoding {encoding}")
+    stored_len = body.uint(f"{where} stored length", _U64)
+    if body.major == 1 or encoding == ENCODING_LZMA2:
+        decoded_len = body.uint(f"{where} decoded length", _U64)
+    else:
+        decoded_len = stored_len
+    crc = body.number(_U32, f"{where} crc32", as_hex=True)
+    _check_encoding(spec, name, encoding, stored_len, decoded_len, body.major)
+    return _SectionEntry(name, encoding, stored_len, decoded_len, crc)
 
 
 def _read_section_table(body: _Cursor, spec: CodecSpec) -> list[_SectionEntry]:
+    if body.major >= 2:  # no count and no names: exactly the codec's sections, in its order
+        return [_read_section_entry(body, spec, name) for name in spec.sections]
     count = body.number(_U8, "section count")
     _check_count("sections", count, MAX_SECTIONS)
     entries: list[_SectionEntry] = []
     for index in range(count):
-        name = body.text(_U8, f"section {index} name", ascii_only=True)
+        name = body.text(f"section {index} name", _U8, ascii_only=True, limit=MAX_ID_BYTES)
         _check_identifier("section name", name, _FIELD_ID)
         if entries and name <= entries[-1].name:
             raise _Invalid("sections not in strictly increasing name order")
-        where = f"section {name!r}"
-        encoding = body.number(_U8, f"{where} encoding")
-        stored_len = body.number(_U64, f"{where} stored length")
-        decoded_len = body.number(_U64, f"{where} decoded length")
-        crc = body.number(_U32, f"{where} crc32", as_hex=True)
-        _check_encoding(spec, name, encoding, stored_len, decoded_len)
-        entries.append(_SectionEntry(name, encoding, stored_len, decoded_len, crc))
+        entries.append(_read_section_entry(body, spec, name))
     _check_section_names(spec, [entry.name for entry in entries])
     return entries
-
-
-def _check_encoding(spec: CodecSpec, name: str, encoding: int, stored_len: int, decoded_len: int) -> None:
-    where = f"section {name!r}"
-    if encoding == ENCODING_STORED:
-        if stored_len != decoded_len:
-            raise _Invalid(f"stored {where} declares {decoded_len} decoded bytes but holds {stored_len}")
-    elif encoding == ENCODING_LZMA2:
-        if name not in spec.compressible:
-            raise _Invalid(f"{where} may not be compressed")
-        if stored_len == 0:
-            raise _Invalid(f"compressed {where} is empty")
-    else:
-        raise _Invalid(f"{where} has unknown encoding {encoding}")
 
 
 def _decode_lzma(stored: memoryview, decoded_len: int, where: str) -> bytes:
@@ -692,8 +797,8 @@ def _read_payloads(cur: _Cursor, entries: list[_SectionEntry]) -> dict[str, byte
     return sections
 
 
-def _read_preamble(buf: memoryview, trace: list | None) -> int:
-    """Check magic, preamble CRC, version and length, in that order; return the file length."""
+def _read_preamble(buf: memoryview, trace: list | None) -> tuple[int, int]:
+    """Check magic, preamble CRC, version and length, in that order; return (major, file length)."""
     if len(buf) < len(MAGIC) or bytes(buf[: len(MAGIC)]) != MAGIC:
         raise BadInputError("not a .wl blob (bad magic bytes)")
     if len(buf) < PREAMBLE_SIZE:
@@ -708,26 +813,27 @@ def _read_preamble(buf: memoryview, trace: list | None) -> int:
     stored_crc = cur.number(_U32, "preamble crc32", as_hex=True)
     if zlib.crc32(buf[: _PREAMBLE.size]) != stored_crc:
         raise BadInputError("corrupt .wl blob: preamble checksum mismatch")
-    if major != FORMAT_MAJOR:
+    if major != FORMAT_MAJOR and major not in OLDER_MAJORS:
+        readable = ", ".join(f"{known}.x" for known in (FORMAT_MAJOR, *OLDER_MAJORS))
         newer = "is newer than" if major > FORMAT_MAJOR else "predates"
         raise BadInputError(
-            f".wl format version {major}.{minor} {newer} what this weightless reads ({FORMAT_MAJOR}.x)"
+            f".wl format version {major}.{minor} {newer} what this weightless reads ({readable})"
             + ("; upgrade weightless" if major > FORMAT_MAJOR else "")
         )
     if file_length != len(buf):
         problem = "truncated" if file_length > len(buf) else "trailing bytes after"
         raise BadInputError(f"{problem} .wl blob: header declares {file_length} bytes, got {len(buf)}")
-    return file_length
+    return major, file_length
 
 
 def _read_metadata(body: _Cursor) -> dict[str, str]:
-    count = body.number(_U16, "metadata entry count")
+    count = body.uint("metadata entry count", _U16)
     _check_count("metadata entries", count, MAX_METADATA_ENTRIES)
     metadata: dict[str, str] = {}
     previous = b""
     for index in range(count):
-        key = body.text(_U16, f"metadata {index} key", ascii_only=False)
-        value = body.text(_U16, f"metadata {index} value", ascii_only=False)
+        key = body.text(f"metadata {index} key", _U16, ascii_only=False, limit=MAX_METADATA_KEY_BYTES)
+        value = body.text(f"metadata {index} value", _U16, ascii_only=False, limit=MAX_METADATA_VALUE_BYTES)
         encoded = key.encode("utf-8")
         _check_metadata_entry(encoded, value.encode("utf-8"))
         if index and encoded <= previous:
@@ -740,7 +846,7 @@ def _read_metadata(body: _Cursor) -> dict[str, str]:
 def _read_file_record(cur: _Cursor) -> tuple[int, dict[str, str], bytes]:
     with _located("file record", cur):
         body = _read_record(cur)
-        tensor_count = body.number(_U32, "tensor count")
+        tensor_count = body.uint("tensor count", _U32)
         _check_count("tensors", tensor_count, MAX_TENSORS)
         metadata = _read_metadata(body)
         entries = _read_section_table(body, _BLOB_SECTIONS)
@@ -750,33 +856,50 @@ def _read_file_record(cur: _Cursor) -> tuple[int, dict[str, str], bytes]:
     return tensor_count, metadata, graph
 
 
-def _read_params(body: _Cursor) -> dict[str, int]:
+def _read_codec(body: _Cursor) -> str:
+    """A 2.x tag, or a 1.x codec id (a string)."""
+    if body.major >= 2:
+        tag = body.varint("codec", names=_CODEC_BY_TAG)
+        if tag not in _CODEC_BY_TAG:
+            raise _Unsupported(
+                f"unknown codec tag {tag} (this weightless knows 0..{max(_CODEC_BY_TAG)}); "
+                "it may need a newer weightless"
+            )
+        return _CODEC_BY_TAG[tag]
+    codec = body.text("codec id", _U8, ascii_only=True, limit=MAX_ID_BYTES)
+    _check_identifier("codec id", codec, _CODEC_ID)
+    _codec_spec(codec)
+    return codec
+
+
+def _read_params(body: _Cursor, spec: CodecSpec) -> dict[str, int]:
+    if body.major >= 2:  # values only, in the codec's parameter order
+        return {key: body.sint(f"param {key!r}") for key in spec.params}
     count = body.number(_U8, "param count")
     _check_count("params", count, MAX_PARAMS)
     params: dict[str, int] = {}
     for index in range(count):
-        key = body.text(_U8, f"param {index} name", ascii_only=True)
+        key = body.text(f"param {index} name", _U8, ascii_only=True, limit=MAX_ID_BYTES)
         _check_identifier("param name", key, _FIELD_ID)
         if params and key <= list(params)[-1]:
             raise _Invalid("params not in strictly increasing name order")
         params[key] = body.number(_I64, f"param {key!r}")
+    _check_params(spec, params)
     return params
 
 
 def _read_tensor_fields(cur: _Cursor, body: _Cursor, name: str) -> TensorRecord:
-    tag = body.number(_U8, "dtype tag")
+    tag = body.uint("dtype tag", _U8, names=_DTYPE_BY_TAG)
     if tag not in _DTYPE_BY_TAG:
         raise _Unsupported(f"unknown dtype tag {tag} (known: {sorted(_DTYPE_BY_TAG)})")
     dtype = _DTYPE_BY_TAG[tag]
-    ndim = body.number(_U8, "ndim")
+    ndim = body.uint("ndim", _U8)
     _check_count("dimensions", ndim, MAX_NDIM)
-    shape = tuple(body.number(_U64, f"dim {axis}") for axis in range(ndim))
+    shape = tuple(body.uint(f"dim {axis}", _U64) for axis in range(ndim))
     n_elements = _check_shape(shape)
-    codec = body.text(_U8, "codec id", ascii_only=True)
-    _check_identifier("codec id", codec, _CODEC_ID)
-    spec = _codec_spec(codec)
-    params = _read_params(body)
-    _check_params(spec, params)
+    codec = _read_codec(body)
+    spec = CODECS[codec]
+    params = _read_params(body, spec)
     entries = _read_section_table(body, spec)
     body.done()
     spec.check_sizes(n_elements, DTYPES[dtype].itemsize, {entry.name: entry.decoded_len for entry in entries})
@@ -787,15 +910,15 @@ def _read_tensor_fields(cur: _Cursor, body: _Cursor, name: str) -> TensorRecord:
 def _read_tensor(cur: _Cursor, index: int) -> TensorRecord:
     with _located(f"tensor {index}", cur):
         body = _read_record(cur)
-        name = body.text(_U16, "name", ascii_only=False)
+        name = body.text("name", _U16, ascii_only=False, limit=MAX_NAME_BYTES)
         _check_name_bytes(name.encode("utf-8"))
     with _located(f"tensor {index} {_show(name)}", cur, body):
         return _read_tensor_fields(cur, body, name)
 
 
 def _parse(buf: memoryview, trace: list | None) -> Blob:
-    file_length = _read_preamble(buf, trace)
-    cur = _Cursor(buf, PREAMBLE_SIZE, file_length, trace)
+    major, file_length = _read_preamble(buf, trace)
+    cur = _Cursor(buf, PREAMBLE_SIZE, file_length, trace, major=major)
     try:
         tensor_count, metadata, graph = _read_file_record(cur)
         tensors: list[TensorRecord] = []
@@ -816,7 +939,8 @@ def _parse(buf: memoryview, trace: list | None) -> Blob:
 
 
 def read_blob(data: bytes, source: str | os.PathLike | None = None) -> Blob:
-    """Parse and fully validate a blob. Any problem raises BadInputError with one line (prefixed by ``source``)."""
+    """Parse and fully validate a blob (format 2.x, or 1.x). Any problem raises BadInputError with one line
+    (prefixed by ``source``)."""
     try:
         return _parse(memoryview(data).cast("B"), trace=None)
     except BadInputError as exc:
