@@ -7,10 +7,10 @@ codec and layout). Each case mutates one of them and then runs both readers a us
 * ``weightless verify PATH --reference CLUSTERED.onnx`` — the CLI, in process.
 
 Mutations are raw (bit flips, byte sets, truncations, insertions, deletions, splices: the
-checksums must catch them) or *forged*: a field-level model of the format (docs/FORMAT.md,
-written here from the spec, not from the reader) changes one field, payload or record and
-re-computes every length and CRC, so the change reaches the checks behind the checksums,
-the codec decoders and the ONNX graph.
+checksums must catch them) or *forged*: a field-level model of format 2.0 (docs/FORMAT.md,
+written here from the spec, not from the reader; only the codec table is shared) changes one
+field, payload or record and re-computes every length and CRC, so the change reaches the checks
+behind the checksums, the codec decoders and the ONNX graph.
 
 Every case must end as a clean one-line error naming the file with exit 3, or as a decode
 (exit 0/1 from verify); a decode of a raw mutation, a traceback, a hang, a worker crash or
@@ -51,7 +51,7 @@ if str(REPO) not in sys.path:  # run as a script: make `tests` (the model factor
 
 from tests import onnx_factory  # noqa: E402
 from weightless_cli.cli import main as cli_main  # noqa: E402
-from weightless_cli.codecs.container import load_blob  # noqa: E402
+from weightless_cli.codecs.container import CODECS, load_blob  # noqa: E402
 from weightless_cli.errors import BadInputError  # noqa: E402
 from weightless_cli.stages.decode import decode_blob  # noqa: E402
 
@@ -135,25 +135,48 @@ def make_bases(folder: Path, names: list[str] | None = None) -> list[Base]:
 
 # --- a field-level model of the format (docs/FORMAT.md), for forging blobs with valid checksums --------------
 
-_FORMATS = {"B": "<B", "H": "<H", "I": "<I", "Q": "<Q", "q": "<q"}
-_LIMITS = {"B": (0, 2**8 - 1), "H": (0, 2**16 - 1), "I": (0, 2**32 - 1), "Q": (0, 2**64 - 1),
-           "q": (-(2**63), 2**63 - 1)}
+# What the codec table fixes (tag -> id, parameter and section names in file order) is data, not parsing: it is
+# taken from the container's table; everything else here is written from the spec.
+_CODEC_BY_TAG = {spec.tag: name for name, spec in CODECS.items()}
+_LIMITS = {"B": (0, 2**8 - 1), "I": (0, 2**32 - 1), "Q": (0, 2**64 - 1), "v": (0, 2**64 - 1),
+           "z": (-(2**63), 2**63 - 1)}
+_NUMBERS = ("v", "z")
+
+
+def _varint(value: int, padding: int = 0) -> bytes:
+    """LEB128; ``padding`` extra ``80 .. 00`` groups make a (forged) non-minimal encoding."""
+    out = bytearray()
+    while True:
+        low, value = value & 0x7F, value >> 7
+        if not value:
+            out.append(low | (0x80 if padding else 0))
+            break
+        out.append(low | 0x80)
+    if padding:
+        out += b"\x80" * (padding - 1) + b"\x00"
+    return bytes(out)
+
+
+def _zigzag(value: int) -> int:
+    return 2 * value if value >= 0 else -2 * value - 1
 
 
 @dataclass
 class Field:
-    """One field of a record body: a number (kind B/H/I/Q/q) or a string with its length prefix (s8/s16)."""
+    """One field of a record body: a varint (kind v), a zigzag varint (z) or a str (s, varint length)."""
 
     label: str
     kind: str
     value: int | bytes
     length: int | None = None  # a string's declared length, when forged
+    padding: int = 0  # non-minimal varint groups, when forged
 
     def encode(self) -> bytes:
-        if self.kind in _FORMATS:
-            return struct.pack(_FORMATS[self.kind], self.value)
-        prefix = "<B" if self.kind == "s8" else "<H"
-        return struct.pack(prefix, len(self.value) if self.length is None else self.length) + self.value
+        if self.kind == "v":
+            return _varint(self.value, self.padding)
+        if self.kind == "z":
+            return _varint(_zigzag(self.value), self.padding)
+        return _varint(len(self.value) if self.length is None else self.length, self.padding) + self.value
 
 
 @dataclass
@@ -168,28 +191,28 @@ class Section:
     def entry(self) -> bytes:
         stored = len(self.payload) if self.stored_len is None else self.stored_len
         crc = zlib.crc32(self.payload) if self.crc is None else self.crc
-        return Field("", "s8", self.name).encode() + struct.pack("<BQQI", self.encoding, stored,
-                                                                  self.decoded_len, crc)
+        decoded = _varint(self.decoded_len) if self.encoding != 0 else b""  # 2.0: only for LZMA2
+        return _varint(self.encoding) + _varint(stored) + decoded + struct.pack("<I", crc)
 
 
 @dataclass
 class Record:
     fields: list[Field]
     sections: list[Section]
-    section_count: int | None = None
     body_len: int | None = None
     crc: int | None = None
 
     def encode(self) -> bytes:
-        count = len(self.sections) if self.section_count is None else self.section_count
-        body = b"".join(f.encode() for f in self.fields) + struct.pack("<B", count)
-        body += b"".join(s.entry() for s in self.sections)
+        body = b"".join(f.encode() for f in self.fields) + b"".join(s.entry() for s in self.sections)
         length = len(body) if self.body_len is None else self.body_len
         crc = zlib.crc32(body) if self.crc is None else self.crc
-        return struct.pack("<I", length) + body + struct.pack("<I", crc) + b"".join(s.payload for s in self.sections)
+        return _varint(length) + body + struct.pack("<I", crc) + b"".join(s.payload for s in self.sections)
 
     def field(self, label: str) -> Field | None:
         return next((f for f in self.fields if f.label == label), None)
+
+    def codec(self) -> str:
+        return _CODEC_BY_TAG.get(self.field("codec").value, "?")
 
 
 @dataclass
@@ -219,18 +242,17 @@ class BlobLayout:
 
     @classmethod
     def parse(cls, data: bytes) -> BlobLayout:
-        """Split a *valid* blob into fields (this is a test tool, not a reader: it trusts its input)."""
+        """Split a *valid* 2.0 blob into fields (this is a test tool, not a reader: it trusts its input)."""
         reader = _Reader(data)
         magic, major, minor, _ = struct.unpack("<8sHHQ", reader.take(20))
-        reader.take(8)  # preamble crc, file record body length
-        file_fields = [Field("tensor count", "I", reader.number("I")), Field("metadata count", "H", reader.number("H"))]
+        reader.take(4)  # preamble crc
+        reader.varint()  # file record body length
+        file_fields = [Field("tensor count", "v", reader.varint()), Field("metadata count", "v", reader.varint())]
         for index in range(file_fields[1].value):
-            file_fields += [Field(f"metadata {index} key", "s16", reader.string("s16")),
-                            Field(f"metadata {index} value", "s16", reader.string("s16"))]
-        file_record = reader.record(file_fields)
-        tensors = []
-        for _ in range(file_fields[0].value):
-            tensors.append(reader.tensor())
+            file_fields += [Field(f"metadata {index} key", "s", reader.string()),
+                            Field(f"metadata {index} value", "s", reader.string())]
+        file_record = reader.record(file_fields, ("graph",))
+        tensors = [reader.tensor() for _ in range(file_fields[0].value)]
         return cls(magic, major, minor, file_record, tensors)
 
 
@@ -243,38 +265,44 @@ class _Reader:
         self.pos += size
         return chunk
 
-    def number(self, kind: str) -> int:
-        form = struct.Struct(_FORMATS[kind])
-        return form.unpack(self.take(form.size))[0]
+    def varint(self) -> int:
+        value = shift = 0
+        while True:
+            byte = self.take(1)[0]
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                return value
 
-    def string(self, kind: str) -> bytes:
-        return self.take(self.number("B" if kind == "s8" else "H"))
+    def string(self) -> bytes:
+        return self.take(self.varint())
 
-    def record(self, fields: list[Field]) -> Record:
+    def record(self, fields: list[Field], section_names: tuple[str, ...]) -> Record:
         """Section table and payloads after ``fields`` (already read from the body)."""
         sections = []
-        for _ in range(self.number("B")):
-            name = self.string("s8")
-            encoding, stored, decoded, _ = struct.unpack("<BQQI", self.take(21))
-            sections.append(Section(name, encoding, b"", decoded, None, None))
-            sections[-1].stored_len = stored  # temporarily: the payload comes after the record
+        for name in section_names:
+            encoding, stored = self.varint(), self.varint()
+            decoded = self.varint() if encoding else stored
+            self.take(4)  # section crc
+            sections.append(Section(name.encode(), encoding, b"", decoded, stored))  # payload comes later
         self.take(4)  # body crc
         for section in sections:
             section.payload, section.stored_len = self.take(section.stored_len), None
         return Record(fields, sections)
 
     def tensor(self) -> Record:
-        self.take(4)  # body length
-        fields = [Field("name", "s16", self.string("s16")), Field("dtype tag", "B", self.number("B"))]
-        fields.append(Field("ndim", "B", self.number("B")))
-        fields += [Field(f"dim {axis}", "Q", self.number("Q")) for axis in range(fields[-1].value)]
-        fields.append(Field("codec", "s8", self.string("s8")))
-        fields.append(Field("param count", "B", self.number("B")))
-        for _ in range(fields[-1].value):
-            name = self.string("s8")
-            fields += [Field(f"param {name.decode()} name", "s8", name),
-                       Field(f"param {name.decode()}", "q", self.number("q"))]
-        return self.record(fields)
+        self.varint()  # body length
+        fields = [Field("name", "s", self.string()), Field("dtype tag", "v", self.varint())]
+        fields.append(Field("ndim", "v", self.varint()))
+        fields += [Field(f"dim {axis}", "v", self.varint()) for axis in range(fields[-1].value)]
+        fields.append(Field("codec", "v", self.varint()))
+        spec = CODECS[_CODEC_BY_TAG[fields[-1].value]]
+        fields += [Field(f"param {name}", "z", _unzigzag(self.varint())) for name in spec.params]
+        return self.record(fields, spec.sections)
+
+
+def _unzigzag(value: int) -> int:
+    return (value >> 1) ^ -(value & 1)
 
 
 # --- mutations -----------------------------------------------------------------------------------------------
@@ -405,7 +433,7 @@ def _forged_mutation(rng: np.random.Generator, base: Base, bases: list[Base]) ->
         kind = _bomb(rng, layout)
     elif kind == "field":
         record = _pick(rng, records)
-        numbers = [f for f in record.fields if f.kind in _FORMATS]
+        numbers = [f for f in record.fields if f.kind in _NUMBERS]
         target = _pick(rng, numbers + record.sections)
         if isinstance(target, Section):
             which = _pick(rng, ["encoding", "stored_len", "decoded_len"])
@@ -435,10 +463,10 @@ def _forged_mutation(rng: np.random.Generator, base: Base, bases: list[Base]) ->
         else:
             kind = "lzma-flip:none"
     elif kind == "param":
-        params = [f for t in layout.tensors for f in t.fields if f.kind == "q"]
+        params = [f for t in layout.tensors for f in t.fields if f.kind == "z"]
         if params:
             target = _pick(rng, params)
-            target.value = _extreme(rng, "q", target.value)
+            target.value = _extreme(rng, "z", target.value)
             kind = f"param:{target.label[6:]}"
     elif kind == "bloomier-reforge":
         kind = _reforge_bloomier(rng, layout)
@@ -467,11 +495,11 @@ def _forged_mutation(rng: np.random.Generator, base: Base, bases: list[Base]) ->
         except Exception:  # a graph this tool cannot parse: damage its bytes instead
             _store(section, _flip_bits(rng, _decoded_payload(section), 4))
     elif kind == "version":
-        layout.major = _pick(rng, [0, 1, 2, 255, 65535])
+        layout.major = _pick(rng, [0, 1, 2, 3, 255, 65535])
         layout.minor = _pick(rng, [0, 1, 2, 9, 65535])
         kind = f"version:{layout.major}.{layout.minor}"
     else:  # frame: lengths and checksums that lie, with everything else consistent
-        which = _pick(rng, ["file_length", "preamble_crc", "trailer", "body_len", "crc", "section_count",
+        which = _pick(rng, ["file_length", "preamble_crc", "trailer", "body_len", "crc", "non-minimal varint",
                             "section crc", "string length"])
         if which in ("file_length", "preamble_crc", "trailer"):
             setattr(layout, which, _extreme(rng, "Q" if which == "file_length" else "I", 0))
@@ -479,12 +507,14 @@ def _forged_mutation(rng: np.random.Generator, base: Base, bases: list[Base]) ->
             section = _pick(rng, [s for r in records for s in r.sections])
             section.crc = _extreme(rng, "I", zlib.crc32(section.payload))
         elif which == "string length":
-            strings = [f for r in records for f in r.fields if f.kind in ("s8", "s16")]
+            strings = [f for r in records for f in r.fields if f.kind == "s"]
             target = _pick(rng, strings)
-            target.length = _extreme(rng, "B" if target.kind == "s8" else "H", len(target.value))
+            target.length = _extreme(rng, "v", len(target.value))
+        elif which == "non-minimal varint":  # the same value, with redundant 80 .. 00 groups: not canonical
+            _pick(rng, [f for r in records for f in r.fields]).padding = int(rng.integers(1, 4))
         else:
             record = _pick(rng, records)
-            setattr(record, which, _extreme(rng, "B" if which == "section_count" else "I", 0))
+            setattr(record, which, _extreme(rng, "v" if which == "body_len" else "I", 0))
         kind = f"frame:{which}"
     return kind, layout.encode()
 
@@ -492,13 +522,13 @@ def _forged_mutation(rng: np.random.Generator, base: Base, bases: list[Base]) ->
 def _bomb(rng: np.random.Generator, layout: BlobLayout) -> str:
     """A tiny blob declaring a huge tensor, consistently: record dims, graph dims and (Bloomier)
     n_positions all say 2^32 values (the format's cap). Reading must refuse it before allocating."""
-    record = _pick(rng, [t for t in layout.tensors if t.field("codec").value != b"raw"])
+    record = _pick(rng, [t for t in layout.tensors if t.codec() != "raw"])
     name = record.field("name").value.decode()
     dims = [2**16, 2**16]
     record.fields = [f for f in record.fields if not f.label.startswith("dim ")]
     at = next(i for i, f in enumerate(record.fields) if f.label == "ndim") + 1
     record.field("ndim").value = len(dims)
-    record.fields[at:at] = [Field(f"dim {axis}", "Q", dim) for axis, dim in enumerate(dims)]
+    record.fields[at:at] = [Field(f"dim {axis}", "v", dim) for axis, dim in enumerate(dims)]
     for label in ("param n_positions", "param n"):
         if record.field(label) is not None:
             record.field(label).value = int(np.prod(dims))
@@ -510,17 +540,17 @@ def _bomb(rng: np.random.Generator, layout: BlobLayout) -> str:
             del tensor.dims[:]
             tensor.dims.extend(dims)
     _store(section, model.SerializeToString())
-    return f"bomb:{record.field('codec').value.decode()}"
+    return f"bomb:{record.codec()}"
 
 
 def _reforge_bloomier(rng: np.random.Generator, layout: BlobLayout) -> str:
     """Change a Bloomier table's t or size *consistently* (cells section resized, padding zero), so the
     table validation and the query code see a well-formed but different table."""
-    tables = [t for t in layout.tensors if t.field("codec").value == b"bloomier"]
+    tables = [t for t in layout.tensors if t.codec() == "bloomier"]
     if not tables:
         return "bloomier-reforge:none"
     record = _pick(rng, tables)
-    params = {f.label[6:]: f for f in record.fields if f.kind == "q"}
+    params = {f.label[6:]: f for f in record.fields if f.kind == "z"}
     t = params["t"].value
     action = _pick(rng, ["t", "seed", "layout", "segments", "keys", "positions"])
     if action == "t":
