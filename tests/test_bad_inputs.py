@@ -40,7 +40,7 @@ def files(capsys, tmp_path) -> dict[str, Path]:
     paths["unchecked"] = tmp_path / "unchecked.onnx"
     onnx.save(broken, paths["unchecked"])
     paths["newer"] = tmp_path / "newer.wl"
-    paths["newer"].write_bytes(_with_major_version(blob.read_bytes(), 2))
+    paths["newer"].write_bytes(_with_major_version(blob.read_bytes(), 3))  # the writer writes 2.0
     (tmp_path / "ext").mkdir()
     paths["external"] = factory.save(factory.mlp(sizes=(64, 48, 10)), tmp_path / "ext" / "ext.onnx", external=True)
     rng = np.random.default_rng(0)
