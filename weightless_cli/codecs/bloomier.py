@@ -52,13 +52,16 @@ PARAM_NAMES = ("t", "seed", "layout", "segment_length", "segment_count", "cells"
 
 _U64 = np.uint64
 _LOW32 = _U64(0xFFFFFFFF)
-# Peeling keeps, per cell, (number of keys) << _COUNT_SHIFT plus the sum of the keys'
-# codes (key_index * 4 + slot < 2**34). With fewer than 2**14 keys in a cell the sum stays
-# below 2**48, so a cell holding one key reads exactly (1 << 48) | code.
+# Peeling keeps, per cell, (number of keys - 1) << _COUNT_SHIFT plus the sum of the keys'
+# codes (key_index * 4 + slot < 2**34), modulo 2**64 (see _peel). With fewer than 2**14 keys
+# in a cell the sum stays below 2**48, so a cell holding one key reads exactly its code.
 _COUNT_SHIFT = _U64(48)
 _COUNT_ONE = _U64(1) << _COUNT_SHIFT
-_CODE_MASK = _COUNT_ONE - _U64(1)
 _MAX_CELL_DEGREE = 1 << 14
+_EMPTY_CELL = _U64((1 << 64) - (1 << 48))  # no key: -1 << 48, modulo 2**64
+_NOT_SLOT = ~_U64(3)
+_SLOT_REMOVAL = (_COUNT_ONE + np.arange(3, dtype=_U64))[:, None]  # what slot s of a key added, less its key
+_BUILD_CHUNK = 1 << 16  # keys per piece in the build's streaming passes
 
 
 @dataclass(frozen=True)
@@ -138,23 +141,39 @@ def choose_layout(n_keys: int) -> Layout:
 # ----------------------------------------------------------------------------- hashing to cells
 
 
-def cell_triples(hashes: np.ndarray, layout: Layout) -> np.ndarray:
-    """The three cell indices of each 64-bit hash, as a ``(3, n)`` int64 array (one row per slot)."""
-    out = np.empty((3, hashes.size), dtype=np.int64)
+def cell_triples(hashes: np.ndarray, layout: Layout, out: np.ndarray | None = None) -> np.ndarray:
+    """The three cell indices of each 64-bit hash, as a ``(3, n)`` int64 array (one row per slot).
+
+    ``out``, if given, is a ``(3, n)`` int64 array (rows may be views into a larger one).
+    """
+    if out is None:
+        out = np.empty((3, hashes.size), dtype=np.int64)
     view = out.view(_U64)
-    hi = hashes >> _U64(32)
+    first, second, third = view[0], view[1], view[2]
+    np.right_shift(hashes, _U64(32), out=third)  # the high word, parked in the last row
     if layout.kind == LAYOUT_FUSE:
         length = _U64(layout.segment_length)
         offset_mask = length - _U64(1)
-        first = (hi * _U64(layout.span)) >> _U64(32)
-        view[0] = first
-        view[1] = (first + length) ^ ((hashes >> _U64(18)) & offset_mask)
-        view[2] = (first + _U64(2) * length) ^ (hashes & offset_mask)
+        np.multiply(third, _U64(layout.span), out=first)
+        np.right_shift(first, _U64(32), out=first)
+        # (h0 + k*L) ^ x == k*L + (h0 ^ x) for x < L: the XOR only changes the offset in a segment.
+        np.right_shift(hashes, _U64(18), out=second)
+        np.bitwise_and(second, offset_mask, out=second)
+        np.bitwise_xor(second, first, out=second)
+        np.add(second, length, out=second)
+        np.bitwise_and(hashes, offset_mask, out=third)
+        np.bitwise_xor(third, first, out=third)
+        np.add(third, _U64(2) * length, out=third)
     else:
         block = _U64(layout.segment_length)
-        view[0] = (hi * block) >> _U64(32)
-        view[1] = block + ((((hashes >> _U64(16)) & _LOW32) * block) >> _U64(32))
-        view[2] = _U64(2) * block + (((hashes & _LOW32) * block) >> _U64(32))
+        np.multiply(third, block, out=first)
+        np.right_shift(first, _U64(32), out=first)
+        for row, shift, base in ((second, 16, block), (third, 0, _U64(2) * block)):
+            np.right_shift(hashes, _U64(shift), out=row)
+            np.bitwise_and(row, _LOW32, out=row)
+            np.multiply(row, block, out=row)
+            np.right_shift(row, _U64(32), out=row)
+            np.add(row, base, out=row)
     return out
 
 
@@ -431,8 +450,7 @@ def build_table(
         attempt_seed = seed + attempt
         if attempt_seed > MAX_SEED:
             break
-        hashes = position_hash(keys, attempt_seed)
-        cells = _build_cells(hashes, values, t, layout)
+        cells = _build_cells(_hash_keys(keys, attempt_seed), values, t, layout)
         if cells is not None:
             return BloomierTable(t, attempt_seed, layout, n_positions, keys.size, cells)
         if attempt == 0 and np.unique(keys).size != keys.size:
@@ -461,80 +479,142 @@ def _check_build_inputs(keys: np.ndarray, values: np.ndarray, t: int, seed: int)
     return keys, values
 
 
+def _hash_keys(keys: np.ndarray, seed: int) -> np.ndarray:
+    """:func:`position_hash` of every key, a chunk at a time so the mixing passes stay in cache."""
+    hashes = np.empty(keys.size, dtype=_U64)
+    scratch = np.empty(min(keys.size, _BUILD_CHUNK), dtype=_U64)
+    for start in range(0, keys.size, _BUILD_CHUNK):
+        stop = min(start + _BUILD_CHUNK, keys.size)
+        position_hash(keys[start:stop], seed, hashes[start:stop], scratch)
+    return hashes
+
+
 def _build_cells(hashes: np.ndarray, values: np.ndarray, t: int, layout: Layout) -> np.ndarray | None:
     """Peel and assign; ``None`` when this seed's hypergraph does not peel."""
-    hashes, values = _sort_by_first_cell(hashes, values)
-    triples = cell_triples(hashes, layout)
+    stored = values.astype(_cell_dtype(t))
+    stored ^= hash_masks(hashes, t)  # what the three cells must XOR to
+    order = _sweep_order(hashes, layout)
+    triples = _triples_in_order(hashes, order, layout)
+    del hashes
     rounds = _peel(triples, layout.cells)
     if rounds is None:
         return None
-    stored = values.astype(_cell_dtype(t)) ^ hash_masks(hashes, t)
-    return _assign(triples, stored, rounds, layout.cells, t)
+    del triples  # each round kept its keys' cells
+    if order is not None:
+        stored = stored.take(order)
+    return _assign(rounds, stored, layout.cells, t)
 
 
-def _sort_by_first_cell(hashes: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Reorder keys by the high hash word (which orders their first cell).
+def _sweep_order(hashes: np.ndarray, layout: Layout) -> np.ndarray | None:
+    """An order of the keys by their first cell, coarsely (``None``: keep the given order).
 
-    Peeling sweeps the cells from both ends of the fuse layout inwards; with keys in cell
-    order, each round touches a narrow band of the key arrays instead of random rows,
-    which halves the build time. Sorting (hi32, index) words is one fast integer sort.
+    Peeling sweeps the fuse layout from both ends inwards; with keys grouped by the top byte
+    of their hash (which orders ``h0``: 256 groups of about two segments each), a round
+    touches a narrow band of the per-key arrays and of the cells instead of random rows.
+    A stable sort of one byte is a single radix pass; small classic tables fit in cache.
     """
-    tagged = (hashes & ~_LOW32) | np.arange(hashes.size, dtype=_U64)
-    tagged.sort()
-    order = (tagged & _LOW32).view(np.int64)
-    return hashes[order], values[order]
+    if layout.kind != LAYOUT_FUSE:
+        return None
+    return np.argsort((hashes >> _U64(56)).astype(np.uint8), kind="stable")
 
 
-def _peel(triples: np.ndarray, n_cells: int) -> list[np.ndarray] | None:
-    """Peel in rounds; return each round's ``key_index * 4 + free_slot`` codes, or ``None``.
+def _triples_in_order(hashes: np.ndarray, order: np.ndarray | None, layout: Layout) -> np.ndarray:
+    """:func:`cell_triples` of ``hashes[order]``, a chunk at a time so temporaries stay in cache."""
+    n = hashes.size
+    triples = np.empty((3, n), dtype=np.int64)
+    for start in range(0, n, _BUILD_CHUNK):
+        stop = min(start + _BUILD_CHUNK, n)
+        chunk = hashes[start:stop] if order is None else hashes.take(order[start:stop])
+        cell_triples(chunk, layout, out=triples[:, start:stop])
+    return triples
 
-    ``acc[c]`` holds (keys in cell c) << 48 plus the sum of their codes, so a cell with one
-    key reads ``(1 << 48) | code`` and names that key and the slot it is free in.
+
+def _peel(triples: np.ndarray, n_cells: int) -> list[tuple[np.ndarray, np.ndarray]] | None:
+    """Peel in rounds; return each round's ``(codes, cells)``, or ``None`` if it gets stuck.
+
+    A round's ``codes`` are ``key_index * 4 + free_slot``, one per key peeled in it, and its
+    ``cells`` are those keys' three cells (``triples[:, keys]``).
+
+    ``acc[c]`` holds (keys in cell c, minus one) << 48 plus the sum of their codes, modulo
+    2**64: a cell holding exactly one key reads its code (< 2**48), an empty cell wraps
+    around to a huge value, and a crowded one is >= 2**48, so one comparison finds the
+    cells that free a key.
     """
+    acc = _cell_sums(triples, n_cells)
+    if acc is None:
+        return None
     n = triples.shape[1]
-    acc = np.zeros(n_cells, dtype=_U64)
-    codes = (np.arange(n, dtype=_U64) << _U64(2)) | _COUNT_ONE
-    for slot in range(3):
-        np.add.at(acc, triples[slot], codes + _U64(slot))
-    if n and int((acc >> _COUNT_SHIFT).max()) >= _MAX_CELL_DEGREE:
-        return None  # a cell this crowded would overflow the code sums; try another seed
-    alone_codes = acc[(acc >> _COUNT_SHIFT) == _U64(1)]
-    slot_removal = (np.arange(3, dtype=_U64) | _COUNT_ONE)[:, None]
-    rounds: list[np.ndarray] = []
+    take_cells, take_acc = triples.take, acc.take
+    alone = acc[acc < _COUNT_ONE]
+    rounds: list[tuple[np.ndarray, np.ndarray]] = []
     peeled = 0
-    while alone_codes.size:
-        # One entry per key: a key alone in two cells appears twice; keep its lowest slot.
-        alone_codes &= _CODE_MASK
-        alone_codes.sort()
-        key_of = alone_codes >> _U64(2)
-        first = np.empty(key_of.size, dtype=bool)
+    while alone.size:
+        # One entry per key: a key alone in two cells (or a cell reached twice) shows up
+        # more than once; sorting the codes keeps the key's lowest free slot first.
+        alone.sort()
+        key_of = alone >> _U64(2)
+        first = np.empty(alone.size, dtype=bool)
         first[0] = True
         np.not_equal(key_of[1:], key_of[:-1], out=first[1:])
-        codes_now = alone_codes[first]
-        rounds.append(codes_now)
-        peeled += codes_now.size
-        touched = np.take(triples, key_of[first].view(np.int64), axis=1, mode="wrap").reshape(-1)
-        np.subtract.at(acc, touched, ((codes_now & ~_U64(3)) + slot_removal).reshape(-1))
-        touched_acc = acc[touched]
-        alone_codes = touched_acc[(touched_acc >> _COUNT_SHIFT) == _U64(1)]
+        codes = alone[first]
+        touched = take_cells(key_of[first].view(np.int64), axis=1, mode="wrap")
+        rounds.append((codes, touched))
+        peeled += codes.size
+        touched = touched.reshape(-1)
+        np.subtract.at(acc, touched, ((codes & _NOT_SLOT) + _SLOT_REMOVAL).reshape(-1))
+        reached = take_acc(touched, mode="wrap")
+        alone = reached[reached < _COUNT_ONE]
     return rounds if peeled == n else None
 
 
-def _assign(triples: np.ndarray, stored: np.ndarray, rounds: list[np.ndarray], n_cells: int, t: int) -> np.ndarray:
-    """Fill cells so every key answers its value; later-peeled keys go first."""
+def _cell_sums(triples: np.ndarray, n_cells: int) -> np.ndarray | None:
+    """The peeling accumulator (see :func:`_peel`), or ``None`` if some cell is too crowded.
+
+    Added a chunk of keys at a time: keys come in cell order, so each chunk's updates hit
+    a cached band of ``acc``.
+    """
+    n = triples.shape[1]
+    acc = np.full(n_cells, _EMPTY_CELL, dtype=_U64)
+    ramp = np.arange(min(n, _BUILD_CHUNK), dtype=_U64) << _U64(2)
+    ramp += _COUNT_ONE
+    codes = np.empty_like(ramp)
+    for start in range(0, n, _BUILD_CHUNK):
+        stop = min(start + _BUILD_CHUNK, n)
+        chunk = codes[: stop - start]
+        np.add(ramp[: stop - start], _U64(start << 2), out=chunk)
+        for slot in range(3):
+            np.add.at(acc, triples[slot, start:stop], chunk)
+            chunk += _U64(1)
+    if n:
+        # With fewer than 2**14 keys per cell the code sums stay below 2**48 and the counts
+        # read back exactly; a cell this crowded (never seen with hashed keys) means: next seed.
+        counts = acc + _COUNT_ONE
+        counts >>= _COUNT_SHIFT
+        if int(counts.max()) >= _MAX_CELL_DEGREE or int(counts.sum()) != 3 * n:
+            return None
+    return acc
+
+
+def _assign(rounds: list[tuple[np.ndarray, np.ndarray]], stored: np.ndarray, n_cells: int, t: int) -> np.ndarray:
+    """Fill cells so every key answers its value; later-peeled keys go first.
+
+    Keys peeled in one round never share a free cell, and a key's free cell is still zero
+    when it is assigned, so a whole round is ``cells[free] = stored ^ cell0 ^ cell1 ^ cell2``.
+    """
     cells = np.zeros(n_cells, dtype=_cell_dtype(t))
-    for codes_now in reversed(rounds):
-        keys_now = (codes_now >> _U64(2)).view(np.int64)
-        cells_now = np.take(triples, keys_now, axis=1, mode="wrap")
-        got = cells[cells_now]
-        # The free cell is still zero, so XOR-ing all three cells equals XOR-ing the other two.
-        value = np.take(stored, keys_now, mode="wrap")
+    take_cells, take_stored = cells.take, stored.take
+    ramp = np.arange(max((codes.size for codes, _ in rounds), default=0), dtype=np.int64)
+    for codes, touched in reversed(rounds):
+        size = codes.size
+        value = take_stored((codes >> _U64(2)).view(np.int64), mode="wrap")
+        got = take_cells(touched, mode="wrap")
         value ^= got[0]
         value ^= got[1]
         value ^= got[2]
-        free_at = (codes_now & _U64(3)).view(np.int64) * keys_now.size
-        free_at += np.arange(keys_now.size)
-        cells[cells_now.reshape(-1)[free_at]] = value
+        free_at = (codes & _U64(3)).view(np.int64)  # the free slot's row, then the key's column
+        free_at *= size
+        free_at += ramp[:size]
+        cells[touched.reshape(-1).take(free_at)] = value
     return cells
 
 
