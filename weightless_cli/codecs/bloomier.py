@@ -27,6 +27,7 @@ from __future__ import annotations
 import itertools
 import os
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -62,6 +63,7 @@ _EMPTY_CELL = _U64((1 << 64) - (1 << 48))  # no key: -1 << 48, modulo 2**64
 _NOT_SLOT = ~_U64(3)
 _SLOT_REMOVAL = (_COUNT_ONE + np.arange(3, dtype=_U64))[:, None]  # what slot s of a key added, less its key
 _BUILD_CHUNK = 1 << 16  # keys per piece in the build's streaming passes
+_INDEX32_LIMIT = (1 << 31) - 1  # tables up to this many cells keep cell indices as int32
 
 
 @dataclass(frozen=True)
@@ -479,20 +481,24 @@ def _check_build_inputs(keys: np.ndarray, values: np.ndarray, t: int, seed: int)
     return keys, values
 
 
+def _chunks(count: int) -> Iterator[slice]:
+    """Consecutive slices of at most :data:`_BUILD_CHUNK` covering ``[0, count)``."""
+    for start in range(0, count, _BUILD_CHUNK):
+        yield slice(start, min(start + _BUILD_CHUNK, count))
+
+
 def _hash_keys(keys: np.ndarray, seed: int) -> np.ndarray:
     """:func:`position_hash` of every key, a chunk at a time so the mixing passes stay in cache."""
     hashes = np.empty(keys.size, dtype=_U64)
     scratch = np.empty(min(keys.size, _BUILD_CHUNK), dtype=_U64)
-    for start in range(0, keys.size, _BUILD_CHUNK):
-        stop = min(start + _BUILD_CHUNK, keys.size)
-        position_hash(keys[start:stop], seed, hashes[start:stop], scratch)
+    for part in _chunks(keys.size):
+        position_hash(keys[part], seed, hashes[part], scratch)
     return hashes
 
 
 def _build_cells(hashes: np.ndarray, values: np.ndarray, t: int, layout: Layout) -> np.ndarray | None:
     """Peel and assign; ``None`` when this seed's hypergraph does not peel."""
-    stored = values.astype(_cell_dtype(t))
-    stored ^= hash_masks(hashes, t)  # what the three cells must XOR to
+    stored = _stored_words(hashes, values, t)
     order = _sweep_order(hashes, layout)
     triples = _triples_in_order(hashes, order, layout)
     del hashes
@@ -505,6 +511,15 @@ def _build_cells(hashes: np.ndarray, values: np.ndarray, t: int, layout: Layout)
     return _assign(rounds, stored, layout.cells, t)
 
 
+def _stored_words(hashes: np.ndarray, values: np.ndarray, t: int) -> np.ndarray:
+    """What each key's three cells must XOR to: its value XOR its mask."""
+    stored = np.empty(hashes.size, dtype=_cell_dtype(t))
+    for part in _chunks(hashes.size):
+        np.copyto(stored[part], values[part], casting="unsafe")  # values < 2**t was checked
+        stored[part] ^= hash_masks(hashes[part], t)
+    return stored
+
+
 def _sweep_order(hashes: np.ndarray, layout: Layout) -> np.ndarray | None:
     """An order of the keys by their first cell, coarsely (``None``: keep the given order).
 
@@ -515,25 +530,37 @@ def _sweep_order(hashes: np.ndarray, layout: Layout) -> np.ndarray | None:
     """
     if layout.kind != LAYOUT_FUSE:
         return None
-    return np.argsort((hashes >> _U64(56)).astype(np.uint8), kind="stable")
+    top_byte = np.empty(hashes.size, dtype=np.uint8)
+    for part in _chunks(hashes.size):
+        np.right_shift(hashes[part], _U64(56), out=top_byte[part], casting="unsafe")
+    return np.argsort(top_byte, kind="stable")
 
 
 def _triples_in_order(hashes: np.ndarray, order: np.ndarray | None, layout: Layout) -> np.ndarray:
-    """:func:`cell_triples` of ``hashes[order]``, a chunk at a time so temporaries stay in cache."""
+    """:func:`cell_triples` of ``hashes[order]`` as :func:`_index_dtype` integers, a chunk at a time."""
     n = hashes.size
-    triples = np.empty((3, n), dtype=np.int64)
-    for start in range(0, n, _BUILD_CHUNK):
-        stop = min(start + _BUILD_CHUNK, n)
-        chunk = hashes[start:stop] if order is None else hashes.take(order[start:stop])
-        cell_triples(chunk, layout, out=triples[:, start:stop])
+    triples = np.empty((3, n), dtype=_index_dtype(layout.cells))
+    wide = triples.dtype == np.int64
+    buffer = None if wide else np.empty((3, min(n, _BUILD_CHUNK)), dtype=np.int64)
+    for part in _chunks(n):
+        chunk = hashes[part] if order is None else hashes.take(order[part])
+        if wide:
+            cell_triples(chunk, layout, out=triples[:, part])
+        else:
+            np.copyto(triples[:, part], cell_triples(chunk, layout, out=buffer[:, : chunk.size]), casting="unsafe")
     return triples
+
+
+def _index_dtype(n_cells: int) -> type:
+    """Cell indices are kept as int32 when they fit: half the memory traffic of int64."""
+    return np.int32 if n_cells <= _INDEX32_LIMIT else np.int64
 
 
 def _peel(triples: np.ndarray, n_cells: int) -> list[tuple[np.ndarray, np.ndarray]] | None:
     """Peel in rounds; return each round's ``(codes, cells)``, or ``None`` if it gets stuck.
 
-    A round's ``codes`` are ``key_index * 4 + free_slot``, one per key peeled in it, and its
-    ``cells`` are those keys' three cells (``triples[:, keys]``).
+    A round's ``codes`` are ``key_index * 4 + free_slot``, one per key peeled in it, in
+    increasing order, and its ``cells`` are those keys' three cells (``triples[:, keys]``).
 
     ``acc[c]`` holds (keys in cell c, minus one) << 48 plus the sum of their codes, modulo
     2**64: a cell holding exactly one key reads its code (< 2**48), an empty cell wraps
@@ -550,7 +577,7 @@ def _peel(triples: np.ndarray, n_cells: int) -> list[tuple[np.ndarray, np.ndarra
     peeled = 0
     while alone.size:
         # One entry per key: a key alone in two cells (or a cell reached twice) shows up
-        # more than once; sorting the codes keeps the key's lowest free slot first.
+        # more than once; sorting the codes puts the key's lowest free slot first.
         alone.sort()
         key_of = alone >> _U64(2)
         first = np.empty(alone.size, dtype=bool)
@@ -578,21 +605,29 @@ def _cell_sums(triples: np.ndarray, n_cells: int) -> np.ndarray | None:
     ramp = np.arange(min(n, _BUILD_CHUNK), dtype=_U64) << _U64(2)
     ramp += _COUNT_ONE
     codes = np.empty_like(ramp)
-    for start in range(0, n, _BUILD_CHUNK):
-        stop = min(start + _BUILD_CHUNK, n)
-        chunk = codes[: stop - start]
-        np.add(ramp[: stop - start], _U64(start << 2), out=chunk)
+    for part in _chunks(n):
+        chunk = codes[: part.stop - part.start]
+        np.add(ramp[: chunk.size], _U64(part.start << 2), out=chunk)
         for slot in range(3):
-            np.add.at(acc, triples[slot, start:stop], chunk)
+            np.add.at(acc, triples[slot, part], chunk)
             chunk += _U64(1)
-    if n:
-        # With fewer than 2**14 keys per cell the code sums stay below 2**48 and the counts
-        # read back exactly; a cell this crowded (never seen with hashed keys) means: next seed.
-        counts = acc + _COUNT_ONE
+    return acc if _counts_fit(acc, n) else None
+
+
+def _counts_fit(acc: np.ndarray, n_keys: int) -> bool:
+    """Whether every cell holds fewer than :data:`_MAX_CELL_DEGREE` keys (else: next seed).
+
+    Below that the code sums stay under 2**48 and each count reads back exactly, so the
+    counts must also add up to ``3 * n_keys``; that second test catches a count field that
+    wrapped around (a cell of 2**16 keys: never seen with hashed keys, but not impossible).
+    """
+    largest, total = 0, 0
+    for part in _chunks(acc.size):
+        counts = acc[part] + _COUNT_ONE
         counts >>= _COUNT_SHIFT
-        if int(counts.max()) >= _MAX_CELL_DEGREE or int(counts.sum()) != 3 * n:
-            return None
-    return acc
+        largest = max(largest, int(counts.max()))
+        total += int(counts.sum())
+    return largest < _MAX_CELL_DEGREE and total == 3 * n_keys
 
 
 def _assign(rounds: list[tuple[np.ndarray, np.ndarray]], stored: np.ndarray, n_cells: int, t: int) -> np.ndarray:
