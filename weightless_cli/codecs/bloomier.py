@@ -584,7 +584,8 @@ def _peel(triples: np.ndarray, n_cells: int) -> list[tuple[np.ndarray, np.ndarra
         first[0] = True
         np.not_equal(key_of[1:], key_of[:-1], out=first[1:])
         codes = alone[first]
-        touched = take_cells(key_of[first].view(np.int64), axis=1, mode="wrap")
+        # As intp once (the indexing calls below and _assign would each convert int32 again).
+        touched = take_cells(key_of[first].view(np.int64), axis=1, mode="wrap").astype(np.intp, copy=False)
         rounds.append((codes, touched))
         peeled += codes.size
         touched = touched.reshape(-1)
