@@ -572,6 +572,9 @@ def _peel(triples: np.ndarray, n_cells: int) -> list[tuple[np.ndarray, np.ndarra
         return None
     n = triples.shape[1]
     take_cells, take_acc = triples.take, acc.take
+    # The rounds' cells, as intp (indexing would convert int32 on every use), in one array:
+    # thousands of small ones would each take fresh pages.
+    cell_store = np.empty(3 * n, dtype=np.intp)
     alone = acc[acc < _COUNT_ONE]
     rounds: list[tuple[np.ndarray, np.ndarray]] = []
     peeled = 0
@@ -584,8 +587,10 @@ def _peel(triples: np.ndarray, n_cells: int) -> list[tuple[np.ndarray, np.ndarra
         first[0] = True
         np.not_equal(key_of[1:], key_of[:-1], out=first[1:])
         codes = alone[first]
-        # As intp once (the indexing calls below and _assign would each convert int32 again).
-        touched = take_cells(key_of[first].view(np.int64), axis=1, mode="wrap").astype(np.intp, copy=False)
+        if peeled + codes.size > n:
+            return None  # a key peeled twice: impossible once the counts are checked
+        touched = cell_store[3 * peeled : 3 * (peeled + codes.size)].reshape(3, codes.size)
+        np.copyto(touched, take_cells(key_of[first].view(np.int64), axis=1, mode="wrap"))
         rounds.append((codes, touched))
         peeled += codes.size
         touched = touched.reshape(-1)
