@@ -13,6 +13,7 @@ from weightless_cli.codecs.bloomier import (
     LAYOUT_CLASSIC,
     LAYOUT_FUSE,
     MAX_POSITIONS,
+    MAX_SEED,
     BloomierTable,
     BuildError,
     build_table,
@@ -168,6 +169,115 @@ def test_gives_up_after_max_attempts(monkeypatch):
     monkeypatch.setattr(bloomier, "_peel", lambda triples, n_cells: None)
     with pytest.raises(BuildError):
         random_table(100, 8)
+
+
+def reference_cells(keys, values, t, seed):
+    """The build, one key at a time in plain Python: breadth-first peeling rounds (every key alone in
+    some cell, freed at its lowest such slot), then assignment in reverse round order."""
+    from weightless_cli.codecs.hashing import position_hash
+
+    layout = choose_layout(len(keys))
+    hashes = position_hash(np.asarray(keys), seed)
+    triples = bloomier.cell_triples(hashes, layout).T.tolist()
+    stored = (np.asarray(values) ^ bloomier.hash_masks(hashes, t)).tolist()
+    holders = [set() for _ in range(layout.cells)]
+    for key, cells in enumerate(triples):
+        for cell in cells:
+            holders[cell].add(key)
+    candidates, rounds = range(layout.cells), []
+    while True:
+        freed = {}
+        for cell in candidates:
+            if len(holders[cell]) == 1:
+                (key,) = holders[cell]
+                freed[key] = min(freed.get(key, 3), triples[key].index(cell))
+        if not freed:
+            break
+        for key in freed:
+            for cell in triples[key]:
+                holders[cell].discard(key)
+        rounds.append(freed)
+        candidates = {cell for key in freed for cell in triples[key]}
+    assert sum(map(len, rounds)) == len(keys), "this seed does not peel"
+    cells = [0] * layout.cells
+    for freed in reversed(rounds):
+        for key, slot in freed.items():
+            a, b, c = triples[key]
+            cells[triples[key][slot]] = stored[key] ^ cells[a] ^ cells[b] ^ cells[c]  # the free cell is 0
+    return cells
+
+
+@pytest.mark.parametrize("n,t", [(1, 4), (2, 1), (7, 16), (300, 8), (5000, 5), (20_000, 12), (70_000, 8)])
+def test_vectorised_build_equals_the_one_key_at_a_time_reference(n, t):
+    keys, values, table = random_table(n, t, seed=n, universe=n * 7 + 3, rng_seed=n)
+    assert table.layout.kind == (LAYOUT_FUSE if n >= 20_000 else LAYOUT_CLASSIC)
+    assert table.cells.tolist() == reference_cells(keys, values, t, table.seed)
+
+
+def test_build_does_not_depend_on_chunking_index_width_or_key_order(monkeypatch):
+    keys, values, table = random_table(60_000, 9, seed=2)
+    monkeypatch.setattr(bloomier, "_BUILD_CHUNK", 997)  # many chunks, the last one short
+    chunked = build_table(keys, values, 9, 2, n_positions=table.n_positions)
+    monkeypatch.setattr(bloomier, "_INDEX32_LIMIT", 0)  # int64 cell indices, as for > 2**31 cells
+    wide = build_table(keys, values, 9, 2, n_positions=table.n_positions)
+    order = np.random.default_rng(0).permutation(keys.size)
+    shuffled = build_table(keys[order], values[order], 9, 2, n_positions=table.n_positions)
+    for other in (chunked, wide, shuffled):
+        assert other.seed == table.seed and np.array_equal(other.cells, table.cells)
+
+
+@pytest.mark.parametrize(
+    "keys,t",
+    [
+        ([], 8),
+        ([0], 1),
+        ([(1 << 36) - 1], 16),  # the largest position a table may cover
+        ([0, (1 << 36) - 1], 3),
+        (list(range(40_000)), 2),  # every position of the tensor is a key
+        (list(range(0, 1 << 34, 1 << 18)), 16),  # 65,536 keys spread over 2**34 positions
+    ],
+)
+@pytest.mark.parametrize("fill", ["zeros", "max", "random"])
+def test_degenerate_key_sets_answer_exactly(keys, t, fill):
+    keys = np.array(keys, dtype=np.int64)
+    values = {"zeros": np.zeros(keys.size, np.int64), "max": np.full(keys.size, (1 << t) - 1)}.get(
+        fill, np.random.default_rng(t).integers(0, 1 << t, size=keys.size)
+    )
+    table = build_table(keys, values, t, seed=MAX_SEED - 70)  # seeds near the top of the range
+    assert table.query(keys).tolist() == values.tolist()
+    assert table.keys == keys.size and table.layout == choose_layout(keys.size)
+
+
+def test_a_table_too_small_to_peel_raises_build_error(monkeypatch):
+    # The real failure path: with fewer cells than keys no seed peels.
+    monkeypatch.setattr(bloomier, "choose_layout", lambda n: bloomier.Layout(LAYOUT_CLASSIC, max(1, n // 4), 3))
+    with pytest.raises(BuildError):
+        random_table(400, 8)
+
+
+def test_a_too_crowded_cell_means_the_next_seed(monkeypatch):
+    calls = []
+    real = bloomier._counts_fit
+
+    def counted(acc, n_keys):
+        calls.append(real(acc, n_keys))
+        return calls[-1]
+
+    monkeypatch.setattr(bloomier, "_counts_fit", counted)
+    monkeypatch.setattr(bloomier, "_MAX_CELL_DEGREE", 2)  # some cell always holds two keys
+    with pytest.raises(BuildError):
+        random_table(2000, 8)
+    assert len(calls) == bloomier.MAX_ATTEMPTS and not any(calls)
+
+
+def test_cell_counts_that_wrapped_around_are_caught():
+    one = 1 << 48
+    acc = np.array([2 * one + 40, 0, (1 << 64) - one], dtype=np.uint64)  # 3 keys, 1 key (code 0), empty
+    assert bloomier._counts_fit(acc, 4 // 3 + 1) is False  # 4 keys' worth of counts, 6 slots claimed
+    assert bloomier._counts_fit(acc, 4) is False
+    # 2**16 + 1 keys in one cell read back as one key: only the total gives it away.
+    wrapped = np.array([((1 << 16) * one + 123) % (1 << 64)], dtype=np.uint64)
+    assert bloomier._counts_fit(wrapped, ((1 << 16) + 1) // 3) is False
 
 
 def test_rejects_bad_build_inputs():
