@@ -250,7 +250,9 @@ def test_degenerate_key_sets_answer_exactly(keys, t, fill):
 
 def test_a_table_too_small_to_peel_raises_build_error(monkeypatch):
     # The real failure path: with fewer cells than keys no seed peels.
-    monkeypatch.setattr(bloomier, "choose_layout", lambda n: bloomier.Layout(LAYOUT_CLASSIC, max(1, n // 4), 3))
+    monkeypatch.setattr(
+        bloomier, "choose_layout", lambda n: bloomier.Layout(LAYOUT_CLASSIC, max(1, n // 4), 3)
+    )
     with pytest.raises(BuildError):
         random_table(400, 8)
 
