@@ -245,13 +245,28 @@ def test_bad_labels_and_teacher_shapes_are_input_errors() -> None:
 @pytest.mark.parametrize(
     ("options", "message"),
     [({"lr": 0}, "learning rate"), ({"batch_size": 0}, "batch size"), ({"epochs": -1}, "epochs"),
-     ({"optimizer": "lbfgs"}, "optimizer"), ({"trainable": []}, "no tensors")],
+     ({"optimizer": "lbfgs"}, "optimizer"), ({"lr_schedule": "step"}, "schedule"), ({"trainable": []}, "no tensors")],
 )
 def test_bad_options_are_usage_errors(options: dict, message: str) -> None:
     x, y = _task(32)
     arguments = {"trainable": ["fc2.weight"], **options}
     with pytest.raises(UsageError, match=message):
         retrain(_mlp(*_weights()), x, y, **arguments)
+
+
+def test_cosine_schedule_anneals_from_lr_to_zero_and_still_learns() -> None:
+    from weightless_cli.train.retrain import _lr_at
+
+    cosine = _lr_at(0.1, "cosine")
+    assert cosine(0, 100) == pytest.approx(0.1) and cosine(50, 100) == pytest.approx(0.05)
+    assert 0 < cosine(99, 100) < 1e-4 and _lr_at(0.1, "constant")(99, 100) == 0.1
+    x, y = _task(512)
+    model = _mlp(*_weights())
+    before = _accuracy(model, x, y)
+    annealed = retrain(model, x, y, trainable=["fc1.weight", "fc2.weight"], epochs=5, lr=0.03, lr_schedule="cosine")
+    constant = retrain(model, x, y, trainable=["fc1.weight", "fc2.weight"], epochs=5, lr=0.03)
+    assert not np.array_equal(annealed.weights["fc1.weight"], constant.weights["fc1.weight"])
+    assert _accuracy(_with_weights(model, annealed.weights), x, y) > before + 0.1
 
 
 def test_divergence_is_reported_not_returned() -> None:

@@ -21,6 +21,7 @@ from weightless_cli.console import (
 from weightless_cli.errors import EXIT_BAD_INPUT, UsageError, WeightlessError
 from weightless_cli.fileio import check_writable
 from weightless_cli.model import DEFAULT_MIN_PARAMS, OnnxModel, PerTensor, Selection, bounded_int
+from weightless_cli.train import LR_SCHEDULES
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -461,6 +462,8 @@ def decode_and_eval(blob: Path, data_spec: str, reference: Path | None, max_drop
 @click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
               help="Learning rate (Adam).")
+@click.option("--lr-schedule", type=click.Choice(LR_SCHEDULES), default="constant", show_default=True,
+              help="cosine: anneal the learning rate to zero over the run, ending settled.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--freeze", multiple=True, metavar="GLOB", help="Keep these tensors bit-exact (repeatable).")
 @click.option("--teacher", type=INPUT_PATH,
@@ -469,8 +472,8 @@ def decode_and_eval(blob: Path, data_spec: str, reference: Path | None, max_drop
 @click.option("--limit", type=click.IntRange(min=1), help="Use only the first N samples.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @output_options
-def retrain(model: Path, output: Path, force: bool, data_spec: str, epochs: int, lr: float, batch_size: int,
-            freeze: tuple[str, ...], teacher: Path | None, unshare: bool, limit: int | None, seed: int,
+def retrain(model: Path, output: Path, force: bool, data_spec: str, epochs: int, lr: float, lr_schedule: str,
+            batch_size: int, freeze: tuple[str, ...], teacher: Path | None, unshare: bool, limit: int | None, seed: int,
             as_json: bool, quiet: bool) -> None:
     """Fine-tune MODEL's float weights with PyTorch and write them into the same graph.
 
@@ -489,7 +492,7 @@ def retrain(model: Path, output: Path, force: bool, data_spec: str, epochs: int,
 
     target = check_writable(output, force)
     reporter = Reporter(as_json, quiet)
-    settings = TrainSettings(epochs, lr, batch_size, seed, unshare)
+    settings = TrainSettings(epochs, lr, batch_size, seed, unshare, lr_schedule)
     with reporter.progress("retraining", None) as advance:
         result = retrain_file(model, target, data_spec, freeze, settings, teacher, limit,
                               progress=lambda done, total, loss: advance(1))

@@ -44,6 +44,7 @@ from weightless_cli.stages.evaluate import evaluate, model_input_shape
 from weightless_cli.stages.prune import prune_array, sparsity_of
 from weightless_cli.stages.quantize import quantize_array
 from weightless_cli.stages.retrain import TrainSettings, retrain_model, teacher_logits, trainable_names
+from weightless_cli.train import LR_SCHEDULES
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class Recipe:
     retrain_epochs: int = 1
     final_epochs: int = 0
     lr: float = 1e-3
+    lr_schedule: str = "constant"  # or "cosine", annealed to zero within every retraining
     batch_size: int = 128
     train_limit: int | None = None
     distill: bool = True
@@ -125,6 +127,8 @@ def check_recipe(recipe: Recipe, where: object) -> None:
         if plan.codec not in CODEC_CHOICES:
             raise UsageError(f"layer {plan.name}: unknown codec {plan.codec!r}; choose from "
                              f"{', '.join(CODEC_CHOICES)}", where)
+    if recipe.lr_schedule not in LR_SCHEDULES:
+        raise UsageError(f"lr_schedule {recipe.lr_schedule!r}: choose from {', '.join(LR_SCHEDULES)}", where)
     if recipe.prune_steps < 1 or min(recipe.prune_epochs, recipe.centroid_epochs, recipe.retrain_epochs,
                                      recipe.final_epochs) < 0:
         raise UsageError("prune_steps must be ≥ 1 and epochs ≥ 0", where)
@@ -159,7 +163,7 @@ class _Loop:
         if epochs <= 0 or not trainable_names(self.model, tuple(self.frozen))[0]:
             return  # nothing asked, or every tensor is already encoded and frozen
         settings = TrainSettings(epochs=epochs, lr=self.recipe.lr, batch_size=self.recipe.batch_size,
-                                 seed=self.recipe.seed + len(self.steps))
+                                 seed=self.recipe.seed + len(self.steps), lr_schedule=self.recipe.lr_schedule)
         retrain_model(self.model, self.train.x, self.train.y, tuple(self.frozen), settings, self.teacher)
 
     def measure(self, layer: str | None, step: str) -> dict:

@@ -26,6 +26,7 @@ class TrainSettings:
     batch_size: int = 128
     seed: int = 0
     unshare: bool = False
+    lr_schedule: str = "constant"  # or "cosine": annealed to zero over the run
 
 
 def trainable_names(model: OnnxModel, freeze: tuple[str, ...]) -> tuple[list[str], list[str]]:
@@ -55,7 +56,7 @@ def retrain_model(model: OnnxModel, x: np.ndarray, y: np.ndarray | None, freeze:
         raise UsageError("the data has no labels: give --teacher MODEL to distil from", model.path)
     result = retrain(model.proto, x, y, trainable=trainable, frozen=frozen, teacher_logits=teacher_logits,
                      epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size, seed=settings.seed,
-                     unshare=settings.unshare, progress=progress)
+                     unshare=settings.unshare, lr_schedule=settings.lr_schedule, progress=progress)
     for name, values in result.weights.items():
         model.weight(name).set_array(values)
     return {"trainable": trainable, "frozen": frozen, "epoch_losses": result.epoch_losses,

@@ -23,6 +23,9 @@ its raw logit scale. With both labels and teacher logits the loss is
 Softmax/LogSoftmax over the classes, the loss reads the logits feeding it instead.
 
 Optimizer: Adam (default, robust for fine-tuning at lr 1e-3) or SGD with momentum 0.9.
+Learning rate: constant, or ``cosine``: annealed from ``lr`` to zero over the call's steps,
+so that each retraining ends settled at a minimum rather than wherever the last noisy
+step left it (which matters when a layer is frozen, and its error fixed, right after).
 
 Deterministic: the same inputs, seed and thread count give byte-identical weights (a
 seeded shuffle, ``torch.use_deterministic_algorithms``, fixed thread count). CPU only.
@@ -41,6 +44,7 @@ import onnx
 from onnx import helper
 
 from weightless_cli.errors import BadInputError, MissingExtraError, UsageError
+from weightless_cli.train import LR_SCHEDULES
 from weightless_cli.train.executor import MISSING_TORCH_MESSAGE, OnnxModule, weight_arrays
 
 try:  # importing the executor has already raised MissingExtraError when torch is missing
@@ -205,13 +209,14 @@ def retrain(
     unshare: bool = False,
     progress: ProgressFn | None = None,
     optimizer: str = "adam",
+    lr_schedule: str = "constant",
     temperature: float = DEFAULT_TEMPERATURE,
     distill_weight: float = DEFAULT_DISTILL_WEIGHT,
     threads: int | None = None,
 ) -> RetrainResult:
     """Fine-tune the ``trainable`` float tensors of ``model`` on ``x`` (see the module docstring)."""
     trainable = list(dict.fromkeys(trainable))
-    _check_options(epochs, lr, batch_size, optimizer, temperature, distill_weight)
+    _check_options(epochs, lr, batch_size, optimizer, lr_schedule, temperature, distill_weight)
     originals = weight_arrays(model)
     _check_names(trainable, set(frozen), originals)
     _check_data(x, y, teacher_logits)
@@ -227,7 +232,7 @@ def retrain(
         _check_against_model(module, inputs, labels, teacher)
         objective = _objective(labels is not None, teacher is not None, temperature, distill_weight)
         history = _fit(module, inputs, labels, teacher, objective, _optimizer(module, optimizer, lr),
-                       epochs, batch_size, np.random.default_rng(seed), progress)
+                       _lr_at(lr, lr_schedule), epochs, batch_size, np.random.default_rng(seed), progress)
         trained = module.state_arrays()
 
     weights = {name: restore_pruned(trained[name], originals[name]) for name in trainable}
@@ -235,7 +240,15 @@ def retrain(
     return RetrainResult(weights, history, shared)
 
 
-def _fit(module, inputs, labels, teacher, objective, optimizer, epochs, batch_size, rng, progress) -> list[float]:
+def _lr_at(lr: float, schedule: str) -> Callable[[int, int], float]:
+    """The learning rate for step ``done`` of ``total`` (0-based)."""
+    if schedule == "cosine":
+        return lambda done, total: 0.5 * lr * (1 + math.cos(math.pi * done / total))
+    return lambda done, total: lr
+
+
+def _fit(module, inputs, labels, teacher, objective, optimizer, lr_at, epochs, batch_size, rng,
+         progress) -> list[float]:
     count = len(inputs)
     steps_per_epoch = -(-count // batch_size)
     history: list[float] = []
@@ -243,6 +256,8 @@ def _fit(module, inputs, labels, teacher, objective, optimizer, epochs, batch_si
         order = torch.from_numpy(rng.permutation(count))
         total = 0.0
         for step in range(steps_per_epoch):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(epoch * steps_per_epoch + step, epochs * steps_per_epoch)
             batch = order[step * batch_size : (step + 1) * batch_size]
             logits = _as_batch_logits(module(inputs[batch]))
             loss = objective(
@@ -320,13 +335,15 @@ def _torch_runtime(threads: int | None, seed: int) -> Iterator[None]:
 # ---------------------------------------------------------------- argument checks
 
 
-def _check_options(epochs, lr, batch_size, optimizer, temperature, distill_weight) -> None:
+def _check_options(epochs, lr, batch_size, optimizer, lr_schedule, temperature, distill_weight) -> None:
     if epochs < 0:
         raise UsageError(f"epochs must be 0 or more, got {epochs}")
     if not lr > 0:
         raise UsageError(f"learning rate must be positive, got {lr}")
     if batch_size < 1:
         raise UsageError(f"batch size must be at least 1, got {batch_size}")
+    if lr_schedule not in LR_SCHEDULES:
+        raise UsageError(f"unknown learning-rate schedule {lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
     if optimizer not in OPTIMIZERS:
         raise UsageError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
     if not temperature > 0:
