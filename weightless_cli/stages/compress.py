@@ -227,9 +227,9 @@ class _Loop:
         return row
 
 
-def compress_file(source: Path, target: Path, train_spec: str, test_spec: str, recipe: Recipe,
-                  log: Callable[[dict], None] = lambda row: None, test_limit: int | None = None) -> dict:
-    """Run the Weightless loop on ``source`` and write the blob ``target``; return the report."""
+def _open_loop(source: Path, train_spec: str, test_spec: str, recipe: Recipe, log: Callable[[dict], None],
+               test_limit: int | None) -> _Loop:
+    """Load the model and both datasets, check the recipe against them, and take the teacher's logits."""
     model = OnnxModel.load(source)
     missing = [plan.name for plan in recipe.layers if plan.name not in {t.name for t in model.weights}]
     if missing:
@@ -242,6 +242,14 @@ def compress_file(source: Path, target: Path, train_spec: str, test_spec: str, r
     loop = _Loop(model, train, test, recipe, log)
     if recipe.distill:
         loop.teacher = teacher_logits(model, train.x)  # before any change: the original is the teacher
+    return loop
+
+
+def compress_file(source: Path, target: Path, train_spec: str, test_spec: str, recipe: Recipe,
+                  log: Callable[[dict], None] = lambda row: None, test_limit: int | None = None) -> dict:
+    """Run the Weightless loop on ``source`` and write the blob ``target``; return the report."""
+    loop = _open_loop(source, train_spec, test_spec, recipe, log, test_limit)
+    model, train, test = loop.model, loop.train, loop.test
     baseline = loop.measure(None, "original")
     if recipe.prune_together:
         loop.prune_together()
@@ -273,13 +281,8 @@ def sweep_t(source: Path, train_spec: str, test_spec: str, recipe: Recipe, layer
     plans = {plan.name: plan for plan in recipe.layers}
     if layer not in plans:
         raise UsageError(f"layer {layer} is not in the recipe")
-    model = OnnxModel.load(source)
-    shape = model_input_shape(source)
-    train = load_dataset(train_spec, shape, recipe.train_limit)
-    test = load_dataset(test_spec, shape, test_limit)
-    loop = _Loop(model, train, test, recipe, log)
-    if recipe.distill:
-        loop.teacher = teacher_logits(model, train.x)  # before any change: the original is the teacher
+    loop = _open_loop(source, train_spec, test_spec, recipe, log, test_limit)
+    model = loop.model
     if recipe.prune_together:
         loop.prune_together()
     for plan in recipe.layers[: [p.name for p in recipe.layers].index(layer)]:
