@@ -774,23 +774,23 @@ def _lost(index: int | None, seed: int, bases: list[Base], outcome: str, detail:
     return Result(case.index, case.base, case.kind, outcome, detail)
 
 
+def _outcomes_by(results: list[Result], key, width: int) -> list[str]:
+    """One line per value of ``key(result)``: how many cases ended in each outcome."""
+    groups = collections.defaultdict(collections.Counter)
+    for r in results:
+        groups[key(r)][r.outcome] += 1
+    return [f"  {name:<{width}} " + "  ".join(f"{o} {n}" for o, n in groups[name].most_common())
+            for name in sorted(groups)]
+
+
 def summarise(results: list[Result], show: int) -> str:
     lines = []
     outcomes = collections.Counter(r.outcome for r in results)
     lines.append(f"{len(results):,} cases: " + ", ".join(f"{name} {count:,}" for name, count in outcomes.most_common()))
-    by_kind = collections.defaultdict(collections.Counter)
-    for r in results:
-        by_kind[r.kind][r.outcome] += 1
     lines.append("\nby mutation:")
-    for kind in sorted(by_kind):
-        counts = by_kind[kind]
-        lines.append(f"  {kind:<34} " + "  ".join(f"{o} {n}" for o, n in counts.most_common()))
-    by_base = collections.defaultdict(collections.Counter)
-    for r in results:
-        by_base[r.base][r.outcome] += 1
+    lines += _outcomes_by(results, lambda r: r.kind, 34)
     lines.append("\nby base blob:")
-    for name in sorted(by_base):
-        lines.append(f"  {name:<18} " + "  ".join(f"{o} {n}" for o, n in by_base[name].most_common()))
+    lines += _outcomes_by(results, lambda r: r.base, 18)
     peaks = [r.peak_bytes for r in results if r.peak_bytes]
     slowest = max(results, key=lambda r: r.seconds)
     if peaks:

@@ -87,15 +87,21 @@ def test_retrain_command_keeps_frozen_and_zeros(capsys, tmp_path, mnist_cache):
     assert np.array_equal(w2_before == 0, w2_after == 0) and not np.array_equal(w2_before, w2_after)
 
 
-def test_recipe_covering_every_tensor_on_npz_data(capsys, tmp_path):
-    """Biases too, exact codecs, unlabelled-free npz data: the last layer leaves nothing to retrain."""
+def _small_mlp_with_data(tmp_path, seed: int):
+    """A 32-24-4 MLP saved as m.onnx, and 256 random labelled samples for it in d.npz."""
     import numpy as np
 
     from tests import onnx_factory as factory
 
     src = factory.save(factory.mlp(sizes=(32, 24, 4)), tmp_path / "m.onnx")
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     np.savez(tmp_path / "d.npz", x=rng.normal(size=(256, 32)).astype(np.float32), y=rng.integers(0, 4, 256))
+    return src
+
+
+def test_recipe_covering_every_tensor_on_npz_data(capsys, tmp_path):
+    """Biases too, exact codecs, unlabelled-free npz data: the last layer leaves nothing to retrain."""
+    src = _small_mlp_with_data(tmp_path, seed=0)
     recipe = tmp_path / "r.toml"
     recipe.write_text("prune_steps = 1\nbatch_size = 64\n" + "".join(
         f"[[layer]]\nname = '{name}'\nsparsity = {sparsity}\nclusters = 4\ncodec = '{codec}'\n"
@@ -111,13 +117,7 @@ def test_recipe_covering_every_tensor_on_npz_data(capsys, tmp_path):
 
 
 def test_prune_together_prunes_every_layer_in_lockstep_before_the_loop(capsys, tmp_path):
-    import numpy as np
-
-    from tests import onnx_factory as factory
-
-    src = factory.save(factory.mlp(sizes=(32, 24, 4)), tmp_path / "m.onnx")
-    rng = np.random.default_rng(1)
-    np.savez(tmp_path / "d.npz", x=rng.normal(size=(256, 32)).astype(np.float32), y=rng.integers(0, 4, 256))
+    src = _small_mlp_with_data(tmp_path, seed=1)
     recipe = tmp_path / "r.toml"
     recipe.write_text("prune_steps = 2\nprune_together = true\nbatch_size = 64\n" + "".join(
         f"[[layer]]\nname = '{name}'\nsparsity = {sparsity}\nclusters = 4\ncodec = 'auto'\n"
