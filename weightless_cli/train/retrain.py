@@ -24,8 +24,8 @@ Softmax/LogSoftmax over the classes, the loss reads the logits feeding it instea
 
 Optimizer: Adam (default, robust for fine-tuning at lr 1e-3) or SGD with momentum 0.9.
 Learning rate: constant, or ``cosine``: annealed from ``lr`` to zero over the call's steps,
-so that each retraining ends settled at a minimum rather than wherever the last noisy
-step left it (which matters when a layer is frozen, and its error fixed, right after).
+so that a retraining ends settled rather than wherever the last noisy step left it (on the
+LeNet-5 compress recipe it measured no better than constant: 1.10 % vs 1.04 % test error).
 
 Deterministic: the same inputs, seed and thread count give byte-identical weights (a
 seeded shuffle, ``torch.use_deterministic_algorithms``, fixed thread count). CPU only.
