@@ -33,6 +33,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check weightless_cli tests bench scripts
 
 bench: $(STAMP)
+	$(PY) bench/bench_bloomier.py
 	$(PY) bench/bench_kmeans.py
 	$(PY) bench/bench_sparse.py
 
