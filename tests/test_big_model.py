@@ -143,6 +143,29 @@ def test_a_decoded_model_too_big_for_protobuf_is_saved_with_external_data(capsys
         np.testing.assert_array_equal(got[want != 0], want[want != 0])
 
 
+def test_decode_and_eval_runs_a_model_too_big_for_protobuf_from_a_temporary_file(capsys, tmp_path, monkeypatch):
+    src = factory.save(factory.mlp(sizes=(256, 128, 10)), tmp_path / "m.onnx")
+    quantized, blob, data = tmp_path / "q.onnx", tmp_path / "m.wl", tmp_path / "data.npz"
+    assert run_cli(capsys, "quantize", src, "-o", quantized, "--clusters", "8").code == 0
+    assert run_cli(capsys, "encode", quantized, "-o", blob, "-q").code == 0
+    rng = np.random.default_rng(0)
+    np.savez(data, x=rng.normal(size=(64, 256)).astype(np.float32), y=rng.integers(0, 10, 64))
+    args = ("decode-and-eval", blob, "--data", data, "--reference", quantized, "--json")
+    in_memory = run_cli(capsys, *args)
+    assert in_memory.code == 0, in_memory.err
+
+    saved: list[tuple[Path, bool]] = []
+    real_save = OnnxModel.save
+    monkeypatch.setattr(OnnxModel, "save", lambda self, path, external_data=None: (
+        saved.append((Path(path), external_data)), real_save(self, path, external_data))[1])
+    monkeypatch.setattr(model_module, "PROTOBUF_LIMIT", 64 * 1024)
+    from_file = run_cli(capsys, *args)
+    assert from_file.code == 0, from_file.err
+    assert [external for _, external in saved] == [True]
+    assert not saved[0][0].parent.exists()  # the temporary folder is gone
+    assert from_file.json() == in_memory.json()
+
+
 # --- the > 2 GiB model (slow) -------------------------------------------------------------------------------
 
 

@@ -447,11 +447,11 @@ def decode_and_eval(blob: Path, data_spec: str, reference: Path | None, max_drop
       weightless decode-and-eval lenet.wl --data mnist --reference sample_models/lenet-300-100.onnx --max-drop 0.3
     """
     from weightless_cli.codecs.container import load_blob
-    from weightless_cli.stages.decode import decode_blob
+    from weightless_cli.stages.decode import decode_blob, runnable_model
 
-    decoded = decode_blob(load_blob(blob), blob)
-    _evaluate_and_report(decoded.proto.SerializeToString(), str(blob), data_spec, reference, max_drop, limit,
-                         batch_size, Reporter(as_json, quiet), {"blob_bytes": blob.stat().st_size})
+    with runnable_model(decode_blob(load_blob(blob), blob)) as decoded:
+        _evaluate_and_report(decoded, str(blob), data_spec, reference, max_drop, limit, batch_size,
+                             Reporter(as_json, quiet), {"blob_bytes": blob.stat().st_size})
 
 
 @cli.command()

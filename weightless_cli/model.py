@@ -412,13 +412,17 @@ class OnnxModel:
         the model would not fit in one protobuf message; it is written one tensor at a time."""
         path = Path(path)
         if external_data is None:
-            external_data = self.used_external_data or self._data_bytes() > PROTOBUF_LIMIT
+            external_data = self.used_external_data or not self.fits_one_protobuf()
         if not external_data:
             proto = self.proto
             with atomic_output(path) as tmp:
                 onnx.save_model(proto, tmp)
             return
         self._save_with_external_data(path)
+
+    def fits_one_protobuf(self) -> bool:
+        """Whether the whole model, values included, can be one protobuf message (< 2 GiB)."""
+        return self._data_bytes() <= PROTOBUF_LIMIT
 
     # -- internals --
 

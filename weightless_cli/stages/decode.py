@@ -5,6 +5,9 @@ from __future__ import annotations
 import math
 import os
 import resource
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import ml_dtypes
@@ -124,6 +127,19 @@ def decode_blob(blob: Blob, source: str | Path) -> OnnxModel:
     # Checks the graph without serialising the decoded values (a model may exceed 2 GiB).
     model.check("decoded model fails the ONNX checker")
     return model
+
+
+@contextmanager
+def runnable_model(model: OnnxModel) -> Iterator[bytes | Path]:
+    """The decoded model as onnxruntime can take it: its serialized bytes or, past protobuf's
+    2 GiB, a temporary file with external data (in ``$TMPDIR``, removed afterwards)."""
+    if model.fits_one_protobuf():
+        yield model.proto.SerializeToString()
+        return
+    with tempfile.TemporaryDirectory(prefix="weightless-decoded-") as folder:
+        path = Path(folder) / "decoded.onnx"
+        model.save(path, external_data=True)
+        yield path
 
 
 def decode_file(source: Path, target: Path) -> dict:
