@@ -3,6 +3,7 @@ through prune → quantize → encode → decode with each stage's peak memory m
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -226,5 +227,14 @@ def test_big_model_through_every_stage_in_bounded_memory(tmp_path):
         session = ort.InferenceSession(str(folder / "d.onnx"))
         logits = session.run(None, {"input": np.ones((1, width), np.float32)})[0]
         assert logits.shape == (1, width) and np.isfinite(logits).all()
+        # decode-and-eval cannot hand onnxruntime one protobuf of this size: it goes through a temporary file.
+        np.savez(folder / "x.npz", x=np.random.default_rng(0).normal(size=(4, width)).astype(np.float32))
+        report = folder / "eval.json"
+        with open(report, "w") as out:
+            subprocess.run([sys.executable, "-m", "weightless_cli", "decode-and-eval", str(folder / "m.wl"),
+                            "--data", str(folder / "x.npz"), "--reference", str(folder / "d.onnx"), "--json"],
+                           stdout=out, check=True)
+        evaluated = json.loads(report.read_text())
+        assert evaluated["samples"] == 4 and evaluated["agreement"] == 1.0 and evaluated["max_abs_logit_diff"] == 0
     finally:
         shutil.rmtree(folder, ignore_errors=True)  # ~9.5 GB of model files
