@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_bloomier.py                 # hash, build, decode, sizes
     .venv/bin/python bench/bench_bloomier.py build decode    # some of them
+    .venv/bin/python bench/bench_bloomier.py phases          # where one 4e6-key build's time goes
     .venv/bin/python bench/bench_bloomier.py --sizing-study 15-24   # how the size tables were made
     .venv/bin/python bench/bench_bloomier.py --verify-sizing 1-24   # p(first seed peels) per bucket
 
@@ -164,6 +165,45 @@ def bench_build(sizes: list[int], repeats: int = 5) -> None:
         f"Build (t = 8, keys = 4 % of a 25n range; best of {repeats} alternating runs; "
         "C = pyfusefilter binary_fuse8_populate, same keys)",
         ["keys", "cpu s", "first run cpu s", "wall s", "M keys/s (cpu)", "C cpu s", "ours / C", "m/n", "seed used"],
+        rows,
+    )
+
+
+def bench_build_phases(n: int = 4 * 10**6, repeats: int = 5) -> None:
+    """Where one build's time goes: each phase of ``build_table``'s first seed, best of ``repeats``.
+
+    The phases' best runs rarely fall in the same build, so their sum is a floor for the
+    whole build on this host rather than a build time.
+    """
+    positions = sparse_positions(n * 25, 1 / 25, seed=n)
+    ids = np.random.default_rng(1).integers(0, 255, size=positions.size)
+    layout = bloomier.choose_layout(positions.size)
+    best: dict[str, float] = {}
+
+    def timed(name: str, fn, *args):
+        result, cpu, _ = cpu_timed(fn, *args)
+        best[name] = min(best.get(name, math.inf), cpu)
+        return result
+
+    for _ in range(repeats):
+        hashes = timed("hash", bloomier._hash_keys, positions, 0)
+        stored = timed("stored words", bloomier._stored_words, hashes, ids, 8)
+        order = timed("sweep order", bloomier._sweep_order, hashes, layout)
+        triples = timed("cell triples", bloomier._triples_in_order, hashes, order, layout)
+        del hashes
+        timed("cell sums", bloomier._cell_sums, triples, layout.cells)
+        rounds = timed("peel (cell sums included)", bloomier._peel, triples, layout.cells)
+        del triples
+        stored = timed("stored words in sweep order", stored.take, order)
+        timed("assign", bloomier._assign, rounds, stored, layout.cells, 8)
+        del rounds, stored, order
+    best["peel rounds"] = best.pop("peel (cell sums included)") - best["cell sums"]
+    rows = [[name, f"{seconds:.3f}", f"{seconds / positions.size * 1e9:.0f}"] for name, seconds in best.items()]
+    total = sum(best.values())
+    rows.append(["sum", f"{total:.3f}", f"{total / positions.size * 1e9:.0f} ({positions.size / total / 1e6:.2f} M keys/s)"])
+    print_table(
+        f"Build phases ({positions.size:,} keys, t = 8; cpu s, best of {repeats} per phase)",
+        ["phase", "cpu s", "ns/key"],
         rows,
     )
 
@@ -406,16 +446,18 @@ def main() -> None:
     if args.verify_sizing:
         verify_sizing(parse_buckets(args.verify_sizing), args.trials)
         return
-    unknown = set(args.parts) - {"hash", "build", "paper", "decode", "sizes"}
+    unknown = set(args.parts) - {"hash", "build", "phases", "paper", "decode", "sizes"}
     if unknown:
         parser.error(f"unknown part(s): {', '.join(sorted(unknown))}")
-    timed = {"build", "paper", "decode"} & set(args.parts)
+    timed = {"build", "phases", "paper", "decode"} & set(args.parts)
     host_checks = [host_check("before")] if timed else []
     for part in args.parts:
         if part == "hash":
             bench_hash()
         elif part == "build":
             bench_build([10**4, 10**6] if args.quick else [10**4, 10**6, 4 * 10**6])
+        elif part == "phases":
+            bench_build_phases()
         elif part == "paper":
             bench_paper_layers()
         elif part == "decode":
