@@ -87,6 +87,25 @@ def test_retrain_command_keeps_frozen_and_zeros(capsys, tmp_path, mnist_cache):
     assert np.array_equal(w2_before == 0, w2_after == 0) and not np.array_equal(w2_before, w2_after)
 
 
+def test_retrain_command_trains_the_weights_of_the_if_branch_taken(capsys, tmp_path):
+    import numpy as np
+
+    from tests import onnx_factory as factory
+    from weightless_cli.model import OnnxModel
+
+    src, out = factory.save(factory.if_model(), tmp_path / "if.onnx"), tmp_path / "r.onnx"
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.normal(size=(128, 32)).astype(np.float32), y=rng.integers(0, 16, 128))
+    result = run_cli(capsys, "retrain", src, "--data", tmp_path / "d.npz", "-o", out, "--json")
+    assert result.code == 0, result.err
+    assert result.json()["trainable"] == ["gate/else_branch/W", "gate/then_branch/W"]
+    before, after = OnnxModel.load(src), OnnxModel.load(out)
+    taken, skipped = "gate/then_branch/W", "gate/else_branch/W"  # the model's condition is a constant True
+    assert not np.array_equal(after.weight(taken).array(), before.weight(taken).array())
+    assert np.array_equal(after.weight(skipped).array(), before.weight(skipped).array())
+    assert [n.op_type for n in after.proto.graph.node] == [n.op_type for n in before.proto.graph.node]
+
+
 def _small_mlp_with_data(tmp_path, seed: int):
     """A 32-24-4 MLP saved as m.onnx, and 256 random labelled samples for it in d.npz."""
     import numpy as np

@@ -383,6 +383,105 @@ def test_unsupported_ops_are_all_listed_at_construction() -> None:
     assert "Relu," not in message.split("(supported")[0]
 
 
+# ---------------------------------------------------------------- control flow
+
+
+def _if_model(cond: bool) -> onnx.ModelProto:
+    """y = relu(x @ W1) followed by an If whose branches hold their own weight named W (and read W1's output)."""
+    def branch(name: str, seed: int) -> onnx.GraphProto:
+        return helper.make_graph(
+            [helper.make_node("MatMul", ["h", "W"], [f"{name}_out"])], name, [],
+            [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, ["N", 2])],
+            [numpy_helper.from_array(rand(4, 2, seed=seed), "W")],
+        )
+
+    nodes = [
+        helper.make_node("MatMul", ["x", "W1"], ["a"]),
+        helper.make_node("Relu", ["a"], ["h"]),
+        helper.make_node("If", ["cond"], ["y"], name="gate",
+                         then_branch=branch("then", 11), else_branch=branch("else", 12)),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])],
+        [numpy_helper.from_array(rand(3, 4, seed=10), "W1"), numpy_helper.from_array(np.array(cond), "cond")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _loop_model(trips: int) -> onnx.ModelProto:
+    """A Loop that applies h = tanh(h @ W + b) ``trips`` times (W in the body, b outside) and scans each h."""
+    body = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["h_in", "W"], ["m"]),
+            helper.make_node("Add", ["m", "b"], ["s"]),
+            helper.make_node("Tanh", ["s"], ["h_out"]),
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+            helper.make_node("Identity", ["h_out"], ["scan"]),
+        ],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_in", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_out", TensorProto.FLOAT, ["N", 4]),
+         helper.make_tensor_value_info("scan", TensorProto.FLOAT, ["N", 4])],
+        [numpy_helper.from_array(rand(4, 4, seed=21) * 0.5, "W")],
+    )
+    nodes = [helper.make_node("Loop", ["trips", "", "x"], ["h", "steps"], name="repeat", body=body)]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("h", TensorProto.FLOAT, ["N", 4]),
+         helper.make_tensor_value_info("steps", TensorProto.FLOAT, [trips, "N", 4])],
+        [numpy_helper.from_array(i64(trips), "trips"), numpy_helper.from_array(rand(4, seed=22), "b")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("cond", [True, False])
+def test_if_runs_the_branch_onnxruntime_runs(cond: bool) -> None:
+    assert_parity(_if_model(cond), {"x": rand(5, 3, seed=13)})
+
+
+def test_if_branch_weights_have_stable_names_and_train_only_when_taken() -> None:
+    model = _if_model(True)
+    assert {"gate/then_branch/W", "gate/else_branch/W"} <= set(weight_arrays(model))
+    module = OnnxModule(model, trainable=["W1", "gate/then_branch/W", "gate/else_branch/W"])
+    module(torch.from_numpy(rand(5, 3, seed=14))).sum().backward()
+    grad = {name: getattr(module, module.attribute_name(name)).grad for name in module.trainable_names}
+    assert grad["W1"].abs().sum() > 0 and grad["gate/then_branch/W"].abs().sum() > 0
+    assert grad["gate/else_branch/W"] is None  # the branch not taken is not in the graph of this call
+
+
+@pytest.mark.parametrize("trips", [1, 3])
+def test_loop_matches_onnxruntime_outputs_and_scans(trips: int) -> None:
+    model = _loop_model(trips)
+    x = rand(5, 4, seed=23)
+    expected = _ort_run(model, {"x": x})
+    module = OnnxModule(model)
+    with torch.no_grad():
+        final = module(torch.from_numpy(x)).numpy()
+    assert np.abs(final - expected[0]).max() <= TOLERANCE
+    scans = OnnxModule(model, output="steps")
+    with torch.no_grad():
+        stacked = scans(torch.from_numpy(x)).numpy()
+    assert stacked.shape == (trips, 5, 4) and np.abs(stacked - expected[1]).max() <= TOLERANCE
+
+
+def test_gradients_reach_a_loop_body_weight_through_every_iteration() -> None:
+    module = OnnxModule(_loop_model(3), trainable=["repeat/body/W", "b"])
+    module(torch.from_numpy(rand(5, 4, seed=24))).sum().backward()
+    for name in ("repeat/body/W", "b"):
+        assert getattr(module, module.attribute_name(name)).grad.abs().sum() > 0
+
+
+def test_unsupported_ops_inside_a_branch_are_listed() -> None:
+    model = _if_model(True)
+    model.graph.node[2].attribute[0].g.node[0].op_type = "Einsum"
+    with pytest.raises(BadInputError, match="Einsum"):
+        OnnxModule(model)
+
+
 def test_runtime_failure_names_the_node() -> None:
     model = single_op("MatMul", (2, 3), weights={"b": rand(5, 4)})
     with pytest.raises(BadInputError, match="MatMul"):

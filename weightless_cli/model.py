@@ -387,7 +387,7 @@ class OnnxModel:
 
     @property
     def quantized_ops(self) -> list[str]:
-        return sorted({n.op_type for n in _all_nodes(self._proto.graph) if is_quantized_op(n.op_type)})
+        return sorted({n.op_type for n in all_nodes(self._proto.graph) if is_quantized_op(n.op_type)})
 
     def weight(self, name: str) -> WeightTensor:
         for tensor in self.weights:
@@ -597,7 +597,15 @@ def _parse_model(path: Path) -> onnx.ModelProto:
         raise BadInputError(f"cannot read: {exc.strerror}", path) from None
 
 
-def _subgraphs(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
+def subgraph_prefix(node: onnx.NodeProto, attribute: str, prefix: str = "") -> str:
+    """The stable-name prefix of the tensors in ``node``'s subgraph ``attribute``, for a node in
+    a graph whose own prefix is ``prefix`` (``""`` for the main graph)."""
+    node_id = node.name or f"{node.op_type}:{node.output[0] if node.output else ''}"
+    return f"{prefix}{node_id}/{attribute}/"
+
+
+def subgraphs(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
+    """Each subgraph ``node`` holds, with the attribute it is in (``body``, ``branches[1]``, ...)."""
     for attr in node.attribute:
         if attr.type == onnx.AttributeProto.GRAPH:
             yield attr.name, attr.g
@@ -606,11 +614,12 @@ def _subgraphs(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
                 yield f"{attr.name}[{i}]", graph
 
 
-def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+def all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    """Every node of ``graph`` and of the subgraphs nested in it, outer nodes first."""
     for node in graph.node:
         yield node
-        for _, sub in _subgraphs(node):
-            yield from _all_nodes(sub)
+        for _, sub in subgraphs(node):
+            yield from all_nodes(sub)
 
 
 def _all_tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
@@ -619,7 +628,7 @@ def _all_tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.TENSOR:
                 yield attr.t
-        for _, sub in _subgraphs(node):
+        for _, sub in subgraphs(node):
             yield from _all_tensors(sub)
 
 
@@ -627,7 +636,7 @@ def _consumers(graph: onnx.GraphProto) -> dict[str, list[tuple[str, int]]]:
     """Readers of each name in this graph, including nodes of nested subgraphs that use it
     from the outer scope."""
     readers: dict[str, list[tuple[str, int]]] = defaultdict(list)
-    for node in _all_nodes(graph):
+    for node in all_nodes(graph):
         for index, name in enumerate(node.input):
             if name:
                 readers[name].append((node.op_type, index))
@@ -646,9 +655,8 @@ def _find_weights(graph: onnx.GraphProto, prefix: str = "", data_dir: Path | Non
                 if attr.name == "value" and attr.t.data_type in FLOAT_DTYPES:
                     out = node.output[0]
                     yield WeightTensor(prefix + out, attr.t, "constant", tuple(readers[out]), in_sub, data_dir)
-        for attr_name, sub in _subgraphs(node):
-            node_id = node.name or f"{node.op_type}:{node.output[0] if node.output else ''}"
-            yield from _find_weights(sub, f"{prefix}{node_id}/{attr_name}/", data_dir)
+        for attr_name, sub in subgraphs(node):
+            yield from _find_weights(sub, subgraph_prefix(node, attr_name, prefix), data_dir)
 
 
 def match_any(name: str, globs: list[str] | tuple[str, ...]) -> bool:

@@ -30,8 +30,8 @@ class TrainSettings:
 
 
 def trainable_names(model: OnnxModel, freeze: tuple[str, ...]) -> tuple[list[str], list[str]]:
-    """(trainable, frozen): every main-graph float tensor not quantized, split by the --freeze globs."""
-    names = [t.name for t in model.weights if not t.quantized and not t.in_subgraph]
+    """(trainable, frozen): every float tensor not quantized, subgraphs' included, split by the --freeze globs."""
+    names = [t.name for t in model.weights if not t.quantized]
     frozen = [name for name in names if match_any(name, freeze)]
     return [name for name in names if name not in frozen], frozen
 

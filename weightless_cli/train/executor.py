@@ -1,4 +1,4 @@
-"""Execute an ONNX main graph node by node in PyTorch, so its weights can be trained.
+"""Execute an ONNX graph node by node in PyTorch, so its weights can be trained.
 
 Retraining must change weights *in place*: the trained tensors are written back into
 the very same ONNX graph under the same names, and the graph is never re-exported. So
@@ -7,8 +7,11 @@ node becomes a small torch function, chosen and configured once at construction,
 ``forward`` runs them in graph order on float32 tensors.
 
 Weight names follow the project's stable naming (see ``weightless_cli.model``): a graph
-initializer is named by itself and a ``Constant`` node by its output. Tensors named as
-trainable become ``nn.Parameter``s; every other initializer or constant is a buffer.
+initializer is named by itself and a ``Constant`` node by its output, with the subgraph's
+path in front inside an ``If`` branch or a ``Loop`` body (``gate/then_branch/W``). Tensors
+named as trainable become ``nn.Parameter``s; every other initializer or constant is a buffer.
+``If`` and ``Loop`` run eagerly: the condition and trip count are read on every call, so
+gradients reach the weights of the branch taken and of every iteration.
 
 torch is an optional extra: importing this module without it raises
 :class:`~weightless_cli.errors.MissingExtraError`, so import it lazily.
@@ -26,6 +29,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from weightless_cli.errors import BadInputError, MissingExtraError, UsageError
+from weightless_cli.model import all_nodes, subgraph_prefix, subgraphs
 
 MISSING_TORCH_MESSAGE = (
     "retraining needs PyTorch, which is not installed: run pip install 'weightless-cli[train]' (make venv installs it)"
@@ -65,14 +69,30 @@ NodeFn = Callable[..., Any]
 
 
 def weight_arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """Every initializer and ``Constant`` value of the main graph, by stable name, as stored."""
-    arrays = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant" and node.domain in _DEFAULT_DOMAINS and node.output:
+    """Every initializer and ``Constant`` value of the model, subgraphs included, by stable name, as stored."""
+    return dict(_graph_weights(model.graph, ""))
+
+
+def _graph_weights(graph: onnx.GraphProto, prefix: str) -> Iterable[tuple[str, np.ndarray]]:
+    for init in graph.initializer:
+        yield prefix + init.name, numpy_helper.to_array(init)
+    for node in graph.node:
+        if _is_constant(node):
             value = _constant_value(node)
             if value is not None:
-                arrays[node.output[0]] = value
-    return arrays
+                yield prefix + node.output[0], value
+        for attribute, sub in subgraphs(node):
+            yield from _graph_weights(sub, subgraph_prefix(node, attribute, prefix))
+
+
+def _own_weight_names(graph: onnx.GraphProto) -> list[str]:
+    """The names ``graph`` itself gives its initializers and executable constants (not its subgraphs')."""
+    names = [init.name for init in graph.initializer]
+    return names + [node.output[0] for node in graph.node if _is_constant(node) and _constant_value(node) is not None]
+
+
+def _is_constant(node: onnx.NodeProto) -> bool:
+    return node.op_type == "Constant" and node.domain in _DEFAULT_DOMAINS and bool(node.output)
 
 
 def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
@@ -467,7 +487,8 @@ _OPS: dict[str, Callable[[Mapping[str, Any], int], NodeFn]] = {
     "Pad": _pad,
 }
 
-SUPPORTED_OPS = frozenset(_OPS) | {"Constant"}
+_CONTROL_FLOW = ("If", "Loop")
+SUPPORTED_OPS = frozenset(_OPS) | {"Constant", *_CONTROL_FLOW}
 
 
 def _unsupported_variant(node: onnx.NodeProto, attrs: Mapping[str, Any]) -> str | None:
@@ -504,9 +525,9 @@ def _opset(model: onnx.ModelProto) -> int:
 
 
 def check_supported(model: onnx.ModelProto) -> None:
-    """Raise one error listing every node kind of the main graph that we cannot execute."""
+    """Raise one error listing every node kind of the model (subgraphs included) that we cannot execute."""
     problems: set[str] = set()
-    for node in model.graph.node:
+    for node in all_nodes(model.graph):
         if node.domain not in _DEFAULT_DOMAINS:
             problems.add(f"{node.domain}:{node.op_type}")
         elif node.op_type not in SUPPORTED_OPS:
@@ -526,20 +547,41 @@ def check_supported(model: onnx.ModelProto) -> None:
 
 
 class _Step:
-    """One executable node: its function, input and output names, and what to free after it."""
+    """One executable node: its function, input and output names, and what to free after it.
 
-    __slots__ = ("fn", "inputs", "outputs", "label", "release")
+    ``reads`` adds to the inputs the outer names its subgraphs use (for freeing), and a
+    control-flow step's function also gets the scope it runs in.
+    """
 
-    def __init__(self, fn: NodeFn, node: onnx.NodeProto) -> None:
+    __slots__ = ("fn", "inputs", "outputs", "label", "release", "reads", "takes_scope")
+
+    def __init__(self, fn: Callable[..., Any], node: onnx.NodeProto, captured: Iterable[str] = ()) -> None:
         self.fn = fn
         self.inputs = list(node.input)
         self.outputs = list(node.output)
         self.label = f"node {node.name or node.output[0]!r} ({node.op_type})"
         self.release: list[str] = []
+        self.reads = [*self.inputs, *captured]
+        self.takes_scope = node.op_type in _CONTROL_FLOW
+
+
+class _Plan:
+    """A graph ready to run: the main graph, an ``If`` branch or a ``Loop`` body.
+
+    ``weights`` maps the graph's own initializer and constant names to module attributes;
+    ``captured`` are the names it reads from enclosing graphs.
+    """
+
+    __slots__ = ("steps", "inputs", "outputs", "weights", "captured")
+
+    def __init__(self, steps: list[_Step], inputs: list[str], outputs: list[str], weights: dict[str, str],
+                 captured: set[str]) -> None:
+        self.steps, self.inputs, self.outputs = steps, inputs, outputs
+        self.weights, self.captured = weights, captured
 
 
 class OnnxModule(nn.Module):
-    """Runs an ONNX main graph in torch; the tensors named in ``trainable`` are Parameters.
+    """Runs an ONNX graph in torch; the tensors named in ``trainable`` are Parameters.
 
     ``output`` picks the graph tensor that ``forward`` returns (default: the first graph
     output), e.g. the logits feeding a final Softmax.
@@ -557,7 +599,7 @@ class OnnxModule(nn.Module):
         self._dtypes: dict[str, np.dtype] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
         for index, (name, array) in enumerate(weights.items()):
-            attr = f"w{index}_{re.sub(r'[^0-9A-Za-z_]', '_', name)[:48]}"
+            attr = f"w{index}_{re.sub(r'[^0-9A-Za-z_]', '_', name)[-48:]}"
             tensor = _to_torch(array)
             if name in trainable:
                 self.register_parameter(attr, nn.Parameter(tensor.clone()))
@@ -567,15 +609,25 @@ class OnnxModule(nn.Module):
             self._dtypes[name], self._shapes[name] = array.dtype, tuple(array.shape)
         self.trainable_names: tuple[str, ...] = tuple(trainable)
 
-        self.input_names = [i.name for i in graph.input if i.name not in weights]
         if not graph.output:
             raise BadInputError("the graph has no outputs")
         self.output_name = output or graph.output[0].name
-        self._steps = self._plan(graph, opset, set(weights))
+        self._main = self._plan(graph, opset, "", frozenset(), [self.output_name])
+        self.input_names = self._main.inputs
+        if self.output_name not in self._defined(self._main):
+            raise UsageError(f"the graph computes no tensor named {self.output_name!r}")
+        self._plan_release(self._main)
 
-    def _plan(self, graph: onnx.GraphProto, opset: int, weight_names: set[str]) -> list[_Step]:
+    def _plan(self, graph: onnx.GraphProto, opset: int, prefix: str, outer: frozenset[str],
+              outputs: list[str] | None = None) -> _Plan:
+        """Steps for ``graph``, whose weights' stable names start with ``prefix``; ``outer``
+        are the names enclosing graphs define, which its nodes may read."""
+        own = {name: self._attr_of[prefix + name] for name in _own_weight_names(graph)}
+        inputs = [i.name for i in graph.input if i.name not in own]
+        defined = set(outer) | set(own) | set(inputs) | {""}
+        local = set(own) | set(inputs) | {""}
         steps: list[_Step] = []
-        defined = set(self.input_names) | weight_names | {""}
+        captured: set[str] = set()
         for node in graph.node:
             if node.op_type == "Constant":
                 continue  # its value is already a buffer or a parameter
@@ -583,18 +635,64 @@ class OnnxModule(nn.Module):
             if missing:
                 raise BadInputError(
                     f"node {node.name or node.op_type!r} reads {missing[0]!r} before it is computed "
-                    "(graph not topologically sorted, or a subgraph value)"
+                    "(graph not topologically sorted)"
                 )
-            steps.append(_Step(_OPS[node.op_type](_attributes(node), opset), node))
+            step = self._control_step(node, opset, prefix, frozenset(defined)) if node.op_type in _CONTROL_FLOW \
+                else _Step(_OPS[node.op_type](_attributes(node), opset), node)
+            captured.update(name for name in step.reads if name not in local)
+            steps.append(step)
             defined.update(node.output)
-        if self.output_name not in defined:
-            raise UsageError(f"the graph computes no tensor named {self.output_name!r}")
-        # Free each intermediate right after its last reader (matters for inference memory).
-        last_reader = {name: i for i, step in enumerate(steps) for name in step.inputs}
+            local.update(node.output)
+        outputs = outputs if outputs is not None else [o.name for o in graph.output]
+        captured.update(name for name in outputs if name not in local)
+        return _Plan(steps, inputs, outputs, own, captured)
+
+    def _control_step(self, node: onnx.NodeProto, opset: int, prefix: str, defined: frozenset[str]) -> _Step:
+        plans = {attribute: self._plan(sub, opset, subgraph_prefix(node, attribute, prefix), defined)
+                 for attribute, sub in subgraphs(node)}
+        captured = set().union(*(plan.captured for plan in plans.values()))
+        if node.op_type == "If":
+            fn = self._if_fn(plans["then_branch"], plans["else_branch"])
+        else:
+            fn = self._loop_fn(plans["body"], len(node.input) - 2)
+        return _Step(fn, node, sorted(captured))
+
+    def _if_fn(self, then_plan: _Plan, else_plan: _Plan) -> Callable[..., tuple[Tensor, ...]]:
+        def run_if(scope: dict[str, Tensor | None], cond: Tensor) -> tuple[Tensor, ...]:
+            return tuple(self._run(then_plan if bool(cond.reshape(-1)[0]) else else_plan, dict(scope)))
+
+        return run_if
+
+    def _loop_fn(self, body: _Plan, carried_count: int) -> Callable[..., tuple[Tensor, ...]]:
+        def run_loop(scope: dict[str, Tensor | None], trips: Tensor | None = None, cond: Tensor | None = None,
+                     *initial: Tensor) -> tuple[Tensor, ...]:
+            limit = math.inf if trips is None else int(trips.reshape(-1)[0])
+            going = True if cond is None else bool(cond.reshape(-1)[0])
+            carried, scans, done = list(initial), [], 0
+            while done < limit and going:
+                state = [torch.tensor(done, dtype=torch.int64), torch.tensor(going), *carried]
+                results = self._run(body, dict(scope), state)
+                going = bool(results[0].reshape(-1)[0])
+                carried = list(results[1 : 1 + carried_count])
+                scans.append(results[1 + carried_count :])
+                done += 1
+            if not scans and len(body.outputs) > 1 + carried_count:
+                raise BadInputError("a Loop with scan outputs ran no iteration")
+            stacked = [torch.stack(list(values)) for values in zip(*scans, strict=True)]
+            return (*carried, *stacked)
+
+        return run_loop
+
+    @staticmethod
+    def _defined(plan: _Plan) -> set[str]:
+        return set(plan.weights) | set(plan.inputs) | {name for step in plan.steps for name in step.outputs}
+
+    def _plan_release(self, plan: _Plan) -> None:
+        """Free each main-graph intermediate right after its last reader (matters for inference memory)."""
+        last_reader = {name: i for i, step in enumerate(plan.steps) for name in step.reads}
         for name, i in last_reader.items():
-            if name != self.output_name and name not in weight_names and name not in self.input_names:
-                steps[i].release.append(name)
-        return steps
+            if name not in plan.outputs and name not in plan.weights and name not in plan.inputs and name:
+                plan.steps[i].release.append(name)
 
     def attribute_name(self, onnx_name: str) -> str:
         """The attribute (parameter or buffer) of this module holding ONNX tensor ``onnx_name``."""
@@ -603,27 +701,35 @@ class OnnxModule(nn.Module):
     def forward(self, *inputs: Tensor) -> Tensor:
         if len(inputs) != len(self.input_names):
             raise UsageError(f"the graph takes {len(self.input_names)} input(s), got {len(inputs)}")
-        env: dict[str, Tensor | None] = {"": None}
-        for name, attr in self._attr_of.items():
-            env[name] = getattr(self, attr)
-        for name, value in zip(self.input_names, inputs, strict=True):
-            env[name] = value.float() if value.is_floating_point() and value.dtype != torch.float32 else value
-        for step in self._steps:
-            args = [env[name] for name in step.inputs]
+        values = [value.float() if value.is_floating_point() and value.dtype != torch.float32 else value
+                  for value in inputs]
+        return self._run(self._main, {}, values)[0]
+
+    def _run(self, plan: _Plan, scope: dict[str, Tensor | None], inputs: Iterable[Tensor] = ()) -> list[Tensor]:
+        """Run ``plan`` in ``scope`` (the enclosing graphs' values, changed in place) and return its outputs."""
+        scope[""] = None
+        for name, attr in plan.weights.items():
+            scope[name] = getattr(self, attr)
+        for name, value in zip(plan.inputs, inputs, strict=True):
+            scope[name] = value
+        for step in plan.steps:
+            args = [scope[name] for name in step.inputs]
             while args and args[-1] is None:
                 args.pop()
             try:
-                result = step.fn(*args)
+                result = step.fn(scope, *args) if step.takes_scope else step.fn(*args)
+            except BadInputError:
+                raise
             except (RuntimeError, ValueError, IndexError, TypeError) as exc:
                 reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise BadInputError(f"cannot execute {step.label}: {reason}") from exc
             results = result if isinstance(result, tuple) else (result,)
             for name, value in zip(step.outputs, results, strict=False):
                 if name:
-                    env[name] = value
+                    scope[name] = value
             for name in step.release:
-                del env[name]
-        return env[self.output_name]
+                del scope[name]
+        return [scope[name] for name in plan.outputs]
 
     def state_arrays(self) -> dict[str, np.ndarray]:
         """Current values of the trainable tensors, in their original dtype and shape."""
