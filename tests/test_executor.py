@@ -475,6 +475,58 @@ def test_gradients_reach_a_loop_body_weight_through_every_iteration() -> None:
         assert getattr(module, module.attribute_name(name)).grad.abs().sum() > 0
 
 
+def _scan_model(backwards: bool, output_axis: int) -> onnx.ModelProto:
+    """An RNN as a Scan: h_t = tanh(x_t @ Wx + h_{t-1} @ Wh), both weights in the body; every h_t scanned out."""
+    body = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x_t", "Wx"], ["a"]),
+            helper.make_node("MatMul", ["h_in", "Wh"], ["b"]),
+            helper.make_node("Add", ["a", "b"], ["s"]),
+            helper.make_node("Tanh", ["s"], ["h_out"]),
+            helper.make_node("Identity", ["h_out"], ["y_t"]),
+        ],
+        "body",
+        [helper.make_tensor_value_info("h_in", TensorProto.FLOAT, [2, 4]),
+         helper.make_tensor_value_info("x_t", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("h_out", TensorProto.FLOAT, [2, 4]),
+         helper.make_tensor_value_info("y_t", TensorProto.FLOAT, [2, 4])],
+        [numpy_helper.from_array(rand(3, 4, seed=31), "Wx"), numpy_helper.from_array(rand(4, 4, seed=32) * 0.5, "Wh")],
+    )
+    node = helper.make_node("Scan", ["h0", "x"], ["h", "ys"], name="rnn", body=body, num_scan_inputs=1,
+                            scan_input_directions=[int(backwards)], scan_output_axes=[output_axis])
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 2, 3])],
+        [helper.make_tensor_value_info("ys", TensorProto.FLOAT, None), helper.make_tensor_value_info("h", TensorProto.FLOAT, [2, 4])],
+        [numpy_helper.from_array(rand(2, 4, seed=33), "h0")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("backwards,output_axis", [(False, 0), (True, 1), (False, -1)])
+def test_scan_matches_onnxruntime(backwards: bool, output_axis: int) -> None:
+    model = _scan_model(backwards, output_axis)
+    x = rand(5, 2, 3, seed=34)
+    expected = _ort_run(model, {"x": x})
+    for index, name in enumerate(("ys", "h")):
+        with torch.no_grad():
+            got = OnnxModule(model, output=name)(torch.from_numpy(x)).numpy()
+        assert got.shape == expected[index].shape and np.abs(got - expected[index]).max() <= TOLERANCE
+
+
+def test_gradients_reach_scan_body_weights() -> None:
+    module = OnnxModule(_scan_model(False, 0), trainable=["rnn/body/Wx", "rnn/body/Wh"])
+    module(torch.from_numpy(rand(5, 2, 3, seed=35))).sum().backward()
+    for param in module.parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0
+
+
+def test_opset_8_scan_is_refused() -> None:
+    model = _scan_model(False, 0)
+    model.opset_import[0].version = 8
+    with pytest.raises(BadInputError, match="Scan before opset 9"):
+        OnnxModule(model)
+
+
 def test_unsupported_ops_inside_a_branch_are_listed() -> None:
     model = _if_model(True)
     model.graph.node[2].attribute[0].g.node[0].op_type = "Einsum"

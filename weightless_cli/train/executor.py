@@ -10,8 +10,9 @@ Weight names follow the project's stable naming (see ``weightless_cli.model``): 
 initializer is named by itself and a ``Constant`` node by its output, with the subgraph's
 path in front inside an ``If`` branch or a ``Loop`` body (``gate/then_branch/W``). Tensors
 named as trainable become ``nn.Parameter``s; every other initializer or constant is a buffer.
-``If`` and ``Loop`` run eagerly: the condition and trip count are read on every call, so
-gradients reach the weights of the branch taken and of every iteration.
+``If``, ``Loop`` and ``Scan`` (opset 9 on) run eagerly: the condition, trip count and sequence
+length are read on every call, so gradients reach the weights of the branch taken and of every
+iteration.
 
 torch is an optional extra: importing this module without it raises
 :class:`~weightless_cli.errors.MissingExtraError`, so import it lazily.
@@ -487,7 +488,7 @@ _OPS: dict[str, Callable[[Mapping[str, Any], int], NodeFn]] = {
     "Pad": _pad,
 }
 
-_CONTROL_FLOW = ("If", "Loop")
+_CONTROL_FLOW = ("If", "Loop", "Scan")
 SUPPORTED_OPS = frozenset(_OPS) | {"Constant", *_CONTROL_FLOW}
 
 
@@ -528,7 +529,9 @@ def check_supported(model: onnx.ModelProto) -> None:
     """Raise one error listing every node kind of the model (subgraphs included) that we cannot execute."""
     problems: set[str] = set()
     for node in all_nodes(model.graph):
-        if node.domain not in _DEFAULT_DOMAINS:
+        if node.op_type == "Scan" and node.domain in _DEFAULT_DOMAINS and _opset(model) < 9:
+            problems.add("Scan before opset 9 (batched, with sequence_lens)")
+        elif node.domain not in _DEFAULT_DOMAINS:
             problems.add(f"{node.domain}:{node.op_type}")
         elif node.op_type not in SUPPORTED_OPS:
             problems.add(node.op_type)
@@ -566,7 +569,7 @@ class _Step:
 
 
 class _Plan:
-    """A graph ready to run: the main graph, an ``If`` branch or a ``Loop`` body.
+    """A graph ready to run: the main graph, an ``If`` branch, or a ``Loop`` or ``Scan`` body.
 
     ``weights`` maps the graph's own initializer and constant names to module attributes;
     ``captured`` are the names it reads from enclosing graphs.
@@ -653,8 +656,10 @@ class OnnxModule(nn.Module):
         captured = set().union(*(plan.captured for plan in plans.values()))
         if node.op_type == "If":
             fn = self._if_fn(plans["then_branch"], plans["else_branch"])
-        else:
+        elif node.op_type == "Loop":
             fn = self._loop_fn(plans["body"], len(node.input) - 2)
+        else:
+            fn = self._scan_fn(plans["body"], len(node.input), _attributes(node))
         return _Step(fn, node, sorted(captured))
 
     def _if_fn(self, then_plan: _Plan, else_plan: _Plan) -> Callable[..., tuple[Tensor, ...]]:
@@ -682,6 +687,38 @@ class OnnxModule(nn.Module):
             return (*carried, *stacked)
 
         return run_loop
+
+    def _scan_fn(self, body: _Plan, input_count: int, attrs: Mapping[str, Any]) -> Callable[..., tuple[Tensor, ...]]:
+        scanned = int(attrs["num_scan_inputs"])
+        states = input_count - scanned
+        in_axes = list(attrs.get("scan_input_axes", [0] * scanned))
+        in_reversed = [bool(d) for d in attrs.get("scan_input_directions", [0] * scanned)]
+        out_count = len(body.outputs) - states
+        out_axes = list(attrs.get("scan_output_axes", [0] * out_count))
+        out_reversed = [bool(d) for d in attrs.get("scan_output_directions", [0] * out_count)]
+
+        def run_scan(scope: dict[str, Tensor | None], *values: Tensor) -> tuple[Tensor, ...]:
+            carried, sequences = list(values[:states]), values[states:]
+            axes = [axis % sequence.dim() for axis, sequence in zip(in_axes, sequences, strict=True)]
+            lengths = {sequence.shape[axis] for sequence, axis in zip(sequences, axes, strict=True)}
+            if len(lengths) != 1:
+                raise BadInputError(f"Scan inputs have different sequence lengths {sorted(lengths)}")
+            (length,) = lengths
+            if length == 0 and out_count:
+                raise BadInputError("a Scan with scan outputs got empty sequences")
+            produced: list[list[Tensor]] = [[] for _ in range(out_count)]
+            for step in range(length):
+                slices = [sequence.select(axis, length - 1 - step if backwards else step)
+                          for sequence, axis, backwards in zip(sequences, axes, in_reversed, strict=True)]
+                results = self._run(body, dict(scope), [*carried, *slices])
+                carried = list(results[:states])
+                for collected, value in zip(produced, results[states:], strict=True):
+                    collected.append(value)
+            stacked = [torch.stack(values[::-1] if backwards else values, dim=axis % (values[0].dim() + 1))
+                       for values, axis, backwards in zip(produced, out_axes, out_reversed, strict=True)]
+            return (*carried, *stacked)
+
+        return run_scan
 
     @staticmethod
     def _defined(plan: _Plan) -> set[str]:
