@@ -32,7 +32,11 @@ test-all: data
 lint: $(STAMP)
 	$(VENV)/bin/ruff check weightless_cli tests bench scripts
 
-bench: $(STAMP)
+$(VENV)/.bench: $(STAMP)
+	$(PY) -m pip install -q -e '.[bench]'
+	touch $@
+
+bench: $(VENV)/.bench
 	$(PY) bench/bench_bloomier.py
 	$(PY) bench/bench_kmeans.py
 	$(PY) bench/bench_sparse.py
