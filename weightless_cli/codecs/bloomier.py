@@ -62,6 +62,7 @@ _MAX_CELL_DEGREE = 1 << 14
 _EMPTY_CELL = _U64((1 << 64) - (1 << 48))  # no key: -1 << 48, modulo 2**64
 _NOT_SLOT = ~_U64(3)
 _SLOT_REMOVAL = (_COUNT_ONE + np.arange(3, dtype=_U64))[:, None]  # what slot s of a key added, less its key
+_SORT_ALL_LIMIT = 1 << 16  # peel rounds reaching up to this many cells sort them all (see _sorted_alone)
 _BUILD_CHUNK = 1 << 16  # keys per piece in the build's streaming passes
 _INDEX32_LIMIT = (1 << 31) - 1  # tables up to this many cells keep cell indices as int32
 
@@ -576,12 +577,12 @@ def _peel(triples: np.ndarray, n_cells: int) -> list[tuple[np.ndarray, np.ndarra
     # thousands of small ones would each take fresh pages.
     cell_store = np.empty(3 * n, dtype=np.intp)
     alone = acc[acc < _COUNT_ONE]
+    alone.sort()
     rounds: list[tuple[np.ndarray, np.ndarray]] = []
     peeled = 0
     while alone.size:
         # One entry per key: a key alone in two cells (or a cell reached twice) shows up
-        # more than once; sorting the codes puts the key's lowest free slot first.
-        alone.sort()
+        # more than once, next to itself in the sorted codes, its lowest free slot first.
         key_of = alone >> _U64(2)
         first = np.empty(alone.size, dtype=bool)
         first[0] = True
@@ -595,9 +596,22 @@ def _peel(triples: np.ndarray, n_cells: int) -> list[tuple[np.ndarray, np.ndarra
         peeled += codes.size
         touched = touched.reshape(-1)
         np.subtract.at(acc, touched, ((codes & _NOT_SLOT) + _SLOT_REMOVAL).reshape(-1))
-        reached = take_acc(touched, mode="wrap")
-        alone = reached[reached < _COUNT_ONE]
+        alone = _sorted_alone(take_acc(touched, mode="wrap"))
     return rounds if peeled == n else None
+
+
+def _sorted_alone(sums: np.ndarray) -> np.ndarray:
+    """The codes in ``sums`` (a scratch array of cell sums) of cells holding one key, sorted.
+
+    Most rounds are a few thousand cells: there, sorting everything and cutting at the
+    first crowded cell beats a boolean mask, whose unpredictable branches cost more.
+    """
+    if sums.size > _SORT_ALL_LIMIT:
+        alone = sums[sums < _COUNT_ONE]
+        alone.sort()
+        return alone
+    sums.sort()
+    return sums[: sums.searchsorted(_COUNT_ONE)]
 
 
 def _cell_sums(triples: np.ndarray, n_cells: int) -> np.ndarray | None:
