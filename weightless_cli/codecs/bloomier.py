@@ -444,9 +444,10 @@ def build_table(
     first seed that peels, of ``seed, seed+1, ...``, is used and recorded.
     """
     keys, values = _check_build_inputs(keys, values, t, seed)
+    highest_key = int(keys.max()) if keys.size else -1
     if n_positions is None:
-        n_positions = int(keys.max()) + 1 if keys.size else 0
-    if not 0 <= n_positions <= MAX_POSITIONS or (keys.size and int(keys.max()) >= n_positions):
+        n_positions = highest_key + 1
+    if not 0 <= n_positions <= MAX_POSITIONS or highest_key >= n_positions:
         raise ValueError(f"keys must lie in [0, n_positions) with n_positions <= {MAX_POSITIONS}")
     layout = choose_layout(keys.size)
     for attempt in range(MAX_ATTEMPTS):
@@ -573,9 +574,10 @@ def _peel(triples: np.ndarray, n_cells: int) -> list[tuple[np.ndarray, np.ndarra
         return None
     n = triples.shape[1]
     take_cells, take_acc = triples.take, acc.take
-    # The rounds' cells, as intp (indexing would convert int32 on every use), in one array:
-    # thousands of small ones would each take fresh pages.
-    cell_store = np.empty(3 * n, dtype=np.intp)
+    # The rounds' cells, in one array: thousands of small ones would each take fresh pages.
+    # They keep the triples' dtype (int32 for most tables): half the fresh memory of intp,
+    # whose page faults cost more than converting each round's indices.
+    cell_store = np.empty(3 * n, dtype=triples.dtype)
     alone = acc[acc < _COUNT_ONE]
     alone.sort()
     rounds: list[tuple[np.ndarray, np.ndarray]] = []
@@ -591,7 +593,7 @@ def _peel(triples: np.ndarray, n_cells: int) -> list[tuple[np.ndarray, np.ndarra
         if peeled + codes.size > n:
             return None  # a key peeled twice: impossible once the counts are checked
         touched = cell_store[3 * peeled : 3 * (peeled + codes.size)].reshape(3, codes.size)
-        np.copyto(touched, take_cells(key_of[first].view(np.int64), axis=1, mode="wrap"))
+        take_cells(key_of[first].view(np.int64), axis=1, mode="wrap", out=touched)
         rounds.append((codes, touched))
         peeled += codes.size
         touched = touched.reshape(-1)
