@@ -191,7 +191,7 @@ def bench_build_phases(n: int = 4 * 10**6, repeats: int = 5) -> None:
         order = timed("sweep order", bloomier._sweep_order, hashes, layout)
         triples = timed("cell triples", bloomier._triples_in_order, hashes, order, layout)
         del hashes
-        timed("cell sums", bloomier._cell_sums, triples, layout.cells)
+        timed("cell sums", bloomier._cell_sums, triples, layout.cells, bloomier._sum_packing(positions.size))
         rounds = timed("peel (cell sums included)", bloomier._peel, triples, layout.cells)
         del triples
         stored = timed("stored words in sweep order", stored.take, order)

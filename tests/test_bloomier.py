@@ -1,5 +1,6 @@
 """Bloomier retrieval table: exact answers for keys, random answers elsewhere, safe parameters."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -261,25 +262,54 @@ def test_a_too_crowded_cell_means_the_next_seed(monkeypatch):
     calls = []
     real = bloomier._counts_fit
 
-    def counted(acc, n_keys):
-        calls.append(real(acc, n_keys))
+    def counted(acc, n_keys, packing):
+        calls.append(real(acc, n_keys, packing))
         return calls[-1]
 
     monkeypatch.setattr(bloomier, "_counts_fit", counted)
-    monkeypatch.setattr(bloomier, "_MAX_CELL_DEGREE", 2)  # some cell always holds two keys
+    # Some cell always holds two keys.
+    monkeypatch.setattr(bloomier, "_NARROW_SUMS", dataclasses.replace(bloomier._NARROW_SUMS, max_degree=2))
     with pytest.raises(BuildError):
         random_table(2000, 8)
     assert len(calls) == bloomier.MAX_ATTEMPTS and not any(calls)
 
 
 def test_cell_counts_that_wrapped_around_are_caught():
+    wide = bloomier._WIDE_SUMS
     one = 1 << 48
-    acc = np.array([2 * one + 40, 0, (1 << 64) - one], dtype=np.uint64)  # 3 keys, 1 key (code 0), empty
-    assert bloomier._counts_fit(acc, 4 // 3 + 1) is False  # 4 keys' worth of counts, 6 slots claimed
-    assert bloomier._counts_fit(acc, 4) is False
+    acc = np.array([2 * one + 40, 0, (1 << 64) - one], dtype=np.uint64)  # 3 keys, 1 key (index 0), empty
+    assert bloomier._counts_fit(acc, 4 // 3 + 1, wide) is False  # 4 keys' worth of counts, 6 slots claimed
+    assert bloomier._counts_fit(acc, 4, wide) is False
     # 2**16 + 1 keys in one cell read back as one key: only the total gives it away.
     wrapped = np.array([((1 << 16) * one + 123) % (1 << 64)], dtype=np.uint64)
-    assert bloomier._counts_fit(wrapped, ((1 << 16) + 1) // 3) is False
+    assert bloomier._counts_fit(wrapped, ((1 << 16) + 1) // 3, wide) is False
+
+
+def crowded_triples(keys_in_cell_0: int) -> np.ndarray:
+    """Every key in cell 0, and in two cells of its own."""
+    own = np.arange(1, 2 * keys_in_cell_0 + 1).reshape(2, -1)
+    return np.vstack([np.zeros((1, keys_in_cell_0), dtype=np.int64), own]).astype(np.int32)
+
+
+def test_the_narrow_packing_catches_32_keys_in_a_cell():
+    narrow = bloomier._NARROW_SUMS
+    assert bloomier._cell_sums(crowded_triples(31), 63, narrow) is not None  # counts up to 31 read back
+    assert bloomier._cell_sums(crowded_triples(32), 65, narrow) is None  # 32 wraps the count to 0
+    assert bloomier._cell_sums(crowded_triples(40), 81, narrow) is None
+
+
+def test_tables_of_more_than_4m_keys_use_the_wide_packing():
+    assert bloomier._sum_packing(1 << 22) is bloomier._NARROW_SUMS
+    assert bloomier._sum_packing((1 << 22) + 1) is bloomier._WIDE_SUMS
+
+
+@pytest.mark.parametrize("n", [1, 700, 30_000])
+def test_the_wide_packing_builds_the_same_cells(monkeypatch, n):
+    _, _, narrow = random_table(n, 7, seed=3)
+    monkeypatch.setattr(bloomier, "_NARROW_SUMS", dataclasses.replace(bloomier._NARROW_SUMS, max_keys=0))
+    keys, values, wide = random_table(n, 7, seed=3)
+    assert np.array_equal(wide.cells, narrow.cells) and wide.seed == narrow.seed
+    assert np.array_equal(wide.query(keys), values)
 
 
 def test_rejects_bad_build_inputs():

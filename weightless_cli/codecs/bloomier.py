@@ -43,7 +43,7 @@ MIN_T = 1
 MAX_T = 16
 MAX_SEED = (1 << 32) - 1
 MAX_POSITIONS = 1 << 36  # format limit on a table's key domain (the decoded tensor's size)
-MAX_KEYS = (1 << 32) - 1  # key indices are packed into 34 bits while peeling
+MAX_KEYS = (1 << 32) - 1  # format limit; peeling packs a key index and a cell into 64 bits
 MAX_FUSE_SEGMENT_LENGTH = 1 << 18  # the two in-segment offsets use hash bits [0,18) and [18,36)
 MAX_SPAN = 1 << 32  # cells reachable by the first hash: hi32 * span must fit in 64 bits
 MAX_ATTEMPTS = 64  # seeds tried before giving up; each attempt succeeds with p >~ 0.9
@@ -53,16 +53,7 @@ PARAM_NAMES = ("t", "seed", "layout", "segment_length", "segment_count", "cells"
 
 _U64 = np.uint64
 _LOW32 = _U64(0xFFFFFFFF)
-# Peeling keeps, per cell, (number of keys - 1) << _COUNT_SHIFT plus the sum of the keys'
-# codes (key_index * 4 + slot < 2**34), modulo 2**64 (see _peel). With fewer than 2**14 keys
-# in a cell the sum stays below 2**48, so a cell holding one key reads exactly its code.
-_COUNT_SHIFT = _U64(48)
-_COUNT_ONE = _U64(1) << _COUNT_SHIFT
-_MAX_CELL_DEGREE = 1 << 14
-_EMPTY_CELL = _U64((1 << 64) - (1 << 48))  # no key: -1 << 48, modulo 2**64
-_NOT_SLOT = ~_U64(3)
-_SLOT_REMOVAL = (_COUNT_ONE + np.arange(3, dtype=_U64))[:, None]  # what slot s of a key added, less its key
-_SORT_ALL_LIMIT = 1 << 16  # peel rounds reaching up to this many cells sort them all (see _sorted_alone)
+_MAX_BUILD_CELLS = 1 << 32  # peeling packs each free cell into the low 32 bits of a u64
 _BUILD_CHUNK = 1 << 16  # keys per piece in the build's streaming passes
 _INDEX32_LIMIT = (1 << 31) - 1  # tables up to this many cells keep cell indices as int32
 
@@ -450,6 +441,8 @@ def build_table(
     if not 0 <= n_positions <= MAX_POSITIONS or highest_key >= n_positions:
         raise ValueError(f"keys must lie in [0, n_positions) with n_positions <= {MAX_POSITIONS}")
     layout = choose_layout(keys.size)
+    if layout.cells > _MAX_BUILD_CELLS:
+        raise ValueError(f"at most {_MAX_BUILD_CELLS * 8 // 9:,} keys per table")
     for attempt in range(MAX_ATTEMPTS):
         attempt_seed = seed + attempt
         if attempt_seed > MAX_SEED:
@@ -558,98 +551,137 @@ def _index_dtype(n_cells: int) -> type:
     return np.int32 if n_cells <= _INDEX32_LIMIT else np.int64
 
 
-def _peel(triples: np.ndarray, n_cells: int) -> list[tuple[np.ndarray, np.ndarray]] | None:
-    """Peel in rounds; return each round's ``(codes, cells)``, or ``None`` if it gets stuck.
+@dataclass(frozen=True)
+class _SumPacking:
+    """How peeling keeps a cell in one unsigned integer (see :func:`_peel`).
 
-    A round's ``codes`` are ``key_index * 4 + free_slot``, one per key peeled in it, in
+    A cell holds ``(its number of keys - 1) << shift`` plus the sum of its keys' indices,
+    modulo ``2**bits``. Key indices are below ``2**(shift - log2(max_degree))``, so with
+    fewer than ``max_degree`` keys the sum stays below ``2**shift`` and the count reads back
+    exactly; a seed that crowds a cell more fails (see :func:`_counts_fit`).
+    """
+
+    dtype: type
+    shift: int
+    max_degree: int
+    max_keys: int
+
+    @property
+    def one(self) -> np.unsignedinteger:
+        """A cell of one key reads below this; an empty or crowded cell reads this or more."""
+        return self.dtype(1 << self.shift)
+
+    @property
+    def empty(self) -> np.unsignedinteger:
+        """A cell of no keys: ``-1 << shift`` modulo ``2**bits``."""
+        return self.dtype((1 << (8 * np.dtype(self.dtype).itemsize)) - (1 << self.shift))
+
+
+# Half the memory traffic for up to 4 M keys: 31 indices below 2**22 sum below 2**27, and
+# the five count bits above hold 0..31 (32 keys in a cell wrap, which the total catches).
+_NARROW_SUMS = _SumPacking(np.uint32, 27, 32, 1 << 22)
+_WIDE_SUMS = _SumPacking(_U64, 48, 1 << 14, MAX_KEYS)
+
+
+def _sum_packing(n_keys: int) -> _SumPacking:
+    return _NARROW_SUMS if n_keys <= _NARROW_SUMS.max_keys else _WIDE_SUMS
+
+
+def _peel(triples: np.ndarray, n_cells: int) -> list[tuple[np.ndarray, np.ndarray]] | None:
+    """Peel in rounds; return each round's ``(pairs, cells)``, or ``None`` if it gets stuck.
+
+    A round's ``pairs`` are ``key_index << 32 | free_cell``, one per key peeled in it, in
     increasing order, and its ``cells`` are those keys' three cells (``triples[:, keys]``).
 
-    ``acc[c]`` holds (keys in cell c, minus one) << 48 plus the sum of their codes, modulo
-    2**64: a cell holding exactly one key reads its code (< 2**48), an empty cell wraps
-    around to a huge value, and a crowded one is >= 2**48, so one comparison finds the
-    cells that free a key.
+    ``acc`` (see :class:`_SumPacking`) makes a cell holding exactly one key read that key's
+    index, an empty cell wrap around to a huge value and a crowded one read ``one`` or more,
+    so one comparison finds the cells that free a key, and which key.
     """
-    acc = _cell_sums(triples, n_cells)
+    n = triples.shape[1]
+    packing = _sum_packing(n)
+    acc = _cell_sums(triples, n_cells, packing)
     if acc is None:
         return None
-    n = triples.shape[1]
+    one = packing.one
+    removal = np.full((3, 1), one, dtype=packing.dtype)  # what a key added to each of its cells, less its index
     take_cells, take_acc = triples.take, acc.take
     # The rounds' cells, in one array: thousands of small ones would each take fresh pages.
     # They keep the triples' dtype (int32 for most tables): half the fresh memory of intp,
     # whose page faults cost more than converting each round's indices.
     cell_store = np.empty(3 * n, dtype=triples.dtype)
-    alone = acc[acc < _COUNT_ONE]
-    alone.sort()
+    free = np.flatnonzero(acc < one)
+    keys = acc.take(free)
     rounds: list[tuple[np.ndarray, np.ndarray]] = []
     peeled = 0
-    while alone.size:
-        # One entry per key: a key alone in two cells (or a cell reached twice) shows up
-        # more than once, next to itself in the sorted codes, its lowest free slot first.
-        key_of = alone >> _U64(2)
-        first = np.empty(alone.size, dtype=bool)
-        first[0] = True
-        np.not_equal(key_of[1:], key_of[:-1], out=first[1:])
-        codes = alone[first]
-        if peeled + codes.size > n:
+    while free.size:
+        pairs = _key_cell_pairs(keys, free)
+        if peeled + pairs.size > n:
             return None  # a key peeled twice: impossible once the counts are checked
-        touched = cell_store[3 * peeled : 3 * (peeled + codes.size)].reshape(3, codes.size)
-        take_cells(key_of[first].view(np.int64), axis=1, mode="wrap", out=touched)
-        rounds.append((codes, touched))
-        peeled += codes.size
+        key_index = (pairs >> _U64(32)).view(np.int64)
+        touched = cell_store[3 * peeled : 3 * (peeled + pairs.size)].reshape(3, pairs.size)
+        take_cells(key_index, axis=1, mode="wrap", out=touched)
+        rounds.append((pairs, touched))
+        peeled += pairs.size
         touched = touched.reshape(-1)
-        np.subtract.at(acc, touched, ((codes & _NOT_SLOT) + _SLOT_REMOVAL).reshape(-1))
-        alone = _sorted_alone(take_acc(touched, mode="wrap"))
+        np.subtract.at(acc, touched, np.add(key_index.astype(packing.dtype), removal).reshape(-1))
+        reached = take_acc(touched, mode="wrap")
+        at = np.flatnonzero(reached < one)
+        free, keys = touched.take(at), reached.take(at)
     return rounds if peeled == n else None
 
 
-def _sorted_alone(sums: np.ndarray) -> np.ndarray:
-    """The codes in ``sums`` (a scratch array of cell sums) of cells holding one key, sorted.
+def _key_cell_pairs(keys: np.ndarray, cells: np.ndarray) -> np.ndarray:
+    """``key << 32 | cell``, sorted, one per distinct key: the one with its lowest cell.
 
-    Most rounds are a few thousand cells: there, sorting everything and cutting at the
-    first crowded cell beats a boolean mask, whose unpredictable branches cost more.
+    A key alone in two cells (or a cell reached twice) shows up more than once. A key's
+    cells increase with the slot in both layouts, so its lowest cell is its lowest slot.
     """
-    if sums.size > _SORT_ALL_LIMIT:
-        alone = sums[sums < _COUNT_ONE]
-        alone.sort()
-        return alone
-    sums.sort()
-    return sums[: sums.searchsorted(_COUNT_ONE)]
+    pairs = keys.astype(_U64)
+    pairs <<= _U64(32)
+    pairs |= cells.astype(_U64)
+    pairs.sort()
+    key_of = pairs >> _U64(32)
+    first = np.empty(pairs.size, dtype=bool)
+    first[:1] = True
+    np.not_equal(key_of[1:], key_of[:-1], out=first[1:])
+    return pairs[first]
 
 
-def _cell_sums(triples: np.ndarray, n_cells: int) -> np.ndarray | None:
+def _cell_sums(triples: np.ndarray, n_cells: int, packing: _SumPacking) -> np.ndarray | None:
     """The peeling accumulator (see :func:`_peel`), or ``None`` if some cell is too crowded.
 
     Added a chunk of keys at a time: keys come in cell order, so each chunk's updates hit
     a cached band of ``acc``.
     """
     n = triples.shape[1]
-    acc = np.full(n_cells, _EMPTY_CELL, dtype=_U64)
-    ramp = np.arange(min(n, _BUILD_CHUNK), dtype=_U64) << _U64(2)
-    ramp += _COUNT_ONE
-    codes = np.empty_like(ramp)
+    acc = np.full(n_cells, packing.empty, dtype=packing.dtype)
+    ramp = np.arange(min(n, _BUILD_CHUNK), dtype=packing.dtype)
+    ramp += packing.one
+    added = np.empty_like(ramp)
     for part in _chunks(n):
-        chunk = codes[: part.stop - part.start]
-        np.add(ramp[: chunk.size], _U64(part.start << 2), out=chunk)
+        chunk = added[: part.stop - part.start]
+        np.add(ramp[: chunk.size], packing.dtype(part.start), out=chunk)
         for slot in range(3):
             np.add.at(acc, triples[slot, part], chunk)
-            chunk += _U64(1)
-    return acc if _counts_fit(acc, n) else None
+    return acc if _counts_fit(acc, n, packing) else None
 
 
-def _counts_fit(acc: np.ndarray, n_keys: int) -> bool:
-    """Whether every cell holds fewer than :data:`_MAX_CELL_DEGREE` keys (else: next seed).
+def _counts_fit(acc: np.ndarray, n_keys: int, packing: _SumPacking) -> bool:
+    """Whether every cell holds fewer than ``packing.max_degree`` keys (else: next seed).
 
-    Below that the code sums stay under 2**48 and each count reads back exactly, so the
-    counts must also add up to ``3 * n_keys``; that second test catches a count field that
-    wrapped around (a cell of 2**16 keys: never seen with hashed keys, but not impossible).
+    Below that each count reads back exactly, so the counts must also add up to
+    ``3 * n_keys``; that second test catches a count field that wrapped around (a cell of
+    2**16 keys in the wide packing, or 32 in the narrow one: never seen with hashed keys,
+    but not impossible). A wrapped cell reads fewer keys than it holds, and every other
+    cell reads exactly, so the total falls short.
     """
     largest, total = 0, 0
     for part in _chunks(acc.size):
-        counts = acc[part] + _COUNT_ONE
-        counts >>= _COUNT_SHIFT
+        counts = acc[part] + packing.one
+        counts >>= packing.dtype(packing.shift)
         largest = max(largest, int(counts.max()))
-        total += int(counts.sum())
-    return largest < _MAX_CELL_DEGREE and total == 3 * n_keys
+        total += int(counts.sum(dtype=np.uint64))
+    return largest < packing.max_degree and total == 3 * n_keys
 
 
 def _assign(rounds: list[tuple[np.ndarray, np.ndarray]], stored: np.ndarray, n_cells: int, t: int) -> np.ndarray:
@@ -660,18 +692,13 @@ def _assign(rounds: list[tuple[np.ndarray, np.ndarray]], stored: np.ndarray, n_c
     """
     cells = np.zeros(n_cells, dtype=_cell_dtype(t))
     take_cells, take_stored = cells.take, stored.take
-    ramp = np.arange(max((codes.size for codes, _ in rounds), default=0), dtype=np.int64)
-    for codes, touched in reversed(rounds):
-        size = codes.size
-        value = take_stored((codes >> _U64(2)).view(np.int64), mode="wrap")
+    for pairs, touched in reversed(rounds):
+        value = take_stored((pairs >> _U64(32)).view(np.int64), mode="wrap")
         got = take_cells(touched, mode="wrap")
         value ^= got[0]
         value ^= got[1]
         value ^= got[2]
-        free_at = (codes & _U64(3)).view(np.int64)  # the free slot's row, then the key's column
-        free_at *= size
-        free_at += ramp[:size]
-        cells[touched.reshape(-1).take(free_at)] = value
+        cells[(pairs & _LOW32).view(np.int64)] = value
     return cells
 
 
