@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -122,6 +123,7 @@ def test_decode_values_streams_the_codebook():
 
 def test_query_all_matches_query_and_is_thread_independent(monkeypatch):
     monkeypatch.setattr(bloomier, "QUERY_CHUNK", 1000)
+    monkeypatch.setattr(bloomier, "PARALLEL_QUERY_CHUNK", 7000)  # 3,000 positions stay on one thread
     for n, t in [(300, 3), (30_000, 8), (30_000, 13)]:
         keys, values, table = random_table(n, t, universe=n * 10)
         everything = table.query(np.arange(table.n_positions))
@@ -129,6 +131,22 @@ def test_query_all_matches_query_and_is_thread_independent(monkeypatch):
         two = table.query_all(threads=2)
         assert np.array_equal(one, everything) and np.array_equal(two, everything)
         assert np.array_equal(one[keys], values)
+
+
+def test_threads_share_only_queries_big_enough_for_a_parallel_chunk_each(monkeypatch):
+    monkeypatch.setattr(bloomier, "QUERY_CHUNK", 1000)
+    monkeypatch.setattr(bloomier, "PARALLEL_QUERY_CHUNK", 5000)
+    _, _, table = random_table(1000, 8, universe=12_000)
+    seen = []
+
+    def record(buffers, start, stop):
+        seen.append((threading.get_ident(), stop - start))
+
+    table._run_chunks(9_999, record, threads=2)  # not two parallel chunks' worth
+    assert len({ident for ident, _ in seen}) == 1 and max(size for _, size in seen) == 1000
+    seen.clear()
+    table._run_chunks(12_000, record, threads=2)
+    assert sorted(size for _, size in seen) == [2000, 5000, 5000]
 
 
 def test_same_input_and_seed_give_identical_tables():
