@@ -620,7 +620,8 @@ def _peel(triples: np.ndarray, n_cells: int) -> list[tuple[np.ndarray, np.ndarra
     if acc is None:
         return None
     one = packing.one
-    removal = np.full((3, 1), one, dtype=packing.dtype)  # what a key added to each of its cells, less its index
+    # What a key added to each of its three cells, less its index.
+    removal = np.full((3, 1), one, dtype=packing.dtype)
     take_cells, take_acc = triples.take, acc.take
     # The rounds' cells, in one array: thousands of small ones would each take fresh pages.
     # They keep the triples' dtype (int32 for most tables): half the fresh memory of intp,
