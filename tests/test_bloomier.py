@@ -330,6 +330,13 @@ def test_the_wide_packing_builds_the_same_cells(monkeypatch, n):
     assert np.array_equal(wide.query(keys), values)
 
 
+def test_tables_past_the_builders_cell_limit_are_refused_before_peeling(monkeypatch):
+    monkeypatch.setattr(bloomier, "_MAX_BUILD_CELLS", 100)  # free cells are packed into 32 bits
+    monkeypatch.setattr(bloomier, "_peel", lambda triples, n_cells: pytest.fail("peeled"))
+    with pytest.raises(ValueError, match="cells"):
+        random_table(200, 8)
+
+
 def test_rejects_bad_build_inputs():
     with pytest.raises(ValueError, match="distinct"):
         build_table(np.array([1, 2, 2]), np.array([0, 1, 2]), 4)

@@ -453,7 +453,7 @@ def build_table(
         raise ValueError(f"keys must lie in [0, n_positions) with n_positions <= {MAX_POSITIONS}")
     layout = choose_layout(keys.size)
     if layout.cells > _MAX_BUILD_CELLS:
-        raise ValueError(f"at most {_MAX_BUILD_CELLS * 8 // 9:,} keys per table")
+        raise ValueError(f"{keys.size:,} keys need {layout.cells:,} cells; this encoder builds at most 2**32")
     for attempt in range(MAX_ATTEMPTS):
         attempt_seed = seed + attempt
         if attempt_seed > MAX_SEED:
