@@ -8,11 +8,14 @@ the reason instead of passing vacuously.
 from __future__ import annotations
 
 import os
+import select
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from hypothesis import settings
 
+from weightless_cli.codecs import parallel
 from weightless_cli.data import Dataset, fetch_mnist, load_dataset
 from weightless_cli.errors import WeightlessError
 
@@ -39,3 +42,39 @@ def mnist_cache() -> Path:
 def mnist_test(mnist_cache: Path) -> Dataset:
     """The 10,000 MNIST test images as float32 [N,1,28,28] in [0,1] with int64 labels."""
     return load_dataset("mnist:test")
+
+
+@pytest.fixture
+def pool(monkeypatch) -> Iterator[parallel._Pool]:
+    """A helper-process pool of this test's own, with small blocks, so short ranges are shared."""
+    own = parallel._Pool()
+    monkeypatch.setattr(parallel, "_POOL", own)
+    monkeypatch.setattr(parallel, "MIN_SHARED", 1000)
+    monkeypatch.setattr(parallel, "MIN_BLOCK", 500)
+    monkeypatch.setattr(parallel, "LOCAL_STEP", 500)
+    monkeypatch.setattr(parallel, "SLOT_BYTES", 4096)
+    yield own
+    own.close()
+
+
+@pytest.fixture
+def helper_blocks(monkeypatch) -> list[int]:
+    """Counts the blocks this side takes back from helpers."""
+    received = []
+    original = parallel._Helper.receive_block
+
+    def counting(self, out):
+        received.append(self.pending[0][2] - self.pending[0][1])
+        return original(self, out)
+
+    monkeypatch.setattr(parallel._Helper, "receive_block", counting)
+    return received
+
+
+def warm(pool: parallel._Pool, count: int) -> list:
+    """Start ``count`` helpers and wait until each has said it is ready."""
+    with pool.borrow(count) as helpers:
+        for helper in helpers:
+            assert select.select([helper.reader], [], [], 30)[0]
+            assert helper.accept_ready()
+    return helpers

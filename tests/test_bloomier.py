@@ -2,13 +2,13 @@
 
 import dataclasses
 import math
-import threading
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import warm
 from weightless_cli.codecs import bloomier
 from weightless_cli.codecs.bitpack import pack_bits, unpack_bits
 from weightless_cli.codecs.bloomier import (
@@ -114,39 +114,28 @@ def test_decode_values_streams_the_codebook():
     ids = rng.integers(0, k, size=positions.size)
     codebook = rng.normal(size=k).astype(np.float32)
     table = encode_positions(positions, ids, n_positions, t=5)
-    dense = decode_values(table, n_positions, codebook, threads=2)
+    dense = decode_values(table, n_positions, codebook, workers=2)
     assert dense.dtype == np.float32
     expected = np.append(codebook, np.float32(0))[decode_ids(table, n_positions, k)]
     assert np.array_equal(dense, expected)
     assert np.array_equal(dense[positions], codebook[ids])
 
 
-def test_query_all_matches_query_and_is_thread_independent(monkeypatch):
+def test_query_all_and_decodes_give_the_same_bytes_on_any_number_of_cores(pool, helper_blocks, monkeypatch):
     monkeypatch.setattr(bloomier, "QUERY_CHUNK", 1000)
-    monkeypatch.setattr(bloomier, "PARALLEL_QUERY_CHUNK", 7000)  # 3,000 positions stay on one thread
+    warm(pool, 2)
     for n, t in [(300, 3), (30_000, 8), (30_000, 13)]:
         keys, values, table = random_table(n, t, universe=n * 10)
         everything = table.query(np.arange(table.n_positions))
-        one = table.query_all(threads=1)
-        two = table.query_all(threads=2)
-        assert np.array_equal(one, everything) and np.array_equal(two, everything)
-        assert np.array_equal(one[keys], values)
-
-
-def test_threads_share_only_queries_big_enough_for_a_parallel_chunk_each(monkeypatch):
-    monkeypatch.setattr(bloomier, "QUERY_CHUNK", 1000)
-    monkeypatch.setattr(bloomier, "PARALLEL_QUERY_CHUNK", 5000)
-    _, _, table = random_table(1000, 8, universe=12_000)
-    seen = []
-
-    def record(buffers, start, stop):
-        seen.append((threading.get_ident(), stop - start))
-
-    table._run_chunks(9_999, record, threads=2)  # not two parallel chunks' worth
-    assert len({ident for ident, _ in seen}) == 1 and max(size for _, size in seen) == 1000
-    seen.clear()
-    table._run_chunks(12_000, record, threads=2)
-    assert sorted(size for _, size in seen) == [2000, 5000, 5000]
+        k = (1 << t) - 3
+        codebook = np.linspace(-1, 1, k, dtype=np.float32)
+        for workers in (1, 2, 3):
+            assert table.query_all(workers=workers).tobytes() == everything.tobytes()
+            assert decode_ids(table, table.n_positions, k, workers).tobytes() == np.minimum(everything, k).tobytes()
+            weights = decode_values(table, table.n_positions, codebook, workers)
+            assert weights.tobytes() == np.append(codebook, np.zeros(3, np.float32))[everything].tobytes()
+        assert np.array_equal(everything[keys], values)
+    assert helper_blocks
 
 
 def test_same_input_and_seed_give_identical_tables():

@@ -24,15 +24,12 @@ zero position is decoded as nonzero (a false positive) with probability ``K / 2*
 
 from __future__ import annotations
 
-import itertools
-import os
-import threading
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
+from weightless_cli.codecs import parallel
 from weightless_cli.codecs.hashing import position_hash, position_hash_range
 from weightless_cli.errors import BadInputError
 
@@ -47,11 +44,7 @@ MAX_KEYS = (1 << 32) - 1  # format limit; peeling packs a key index and a cell i
 MAX_FUSE_SEGMENT_LENGTH = 1 << 18  # the two in-segment offsets use hash bits [0,18) and [18,36)
 MAX_SPAN = 1 << 32  # cells reachable by the first hash: hi32 * span must fit in 64 bits
 MAX_ATTEMPTS = 64  # seeds tried before giving up; each attempt succeeds with p >~ 0.9
-QUERY_CHUNK = 1 << 15  # positions per chunk on one thread: ~1 MiB of uint64 temporaries, cached
-# Positions per chunk when threads share a query: each numpy call hands the GIL over, and on
-# 32k-position calls two threads spent more time waiting for it than they gained (measured:
-# 2 threads 52 M positions/s at 2**15, 80 M/s at 2**18; one thread 55 M/s at 2**15).
-PARALLEL_QUERY_CHUNK = 1 << 18
+QUERY_CHUNK = 1 << 15  # positions per numpy call in a query: ~1 MiB of uint64 temporaries, cached
 
 PARAM_NAMES = ("t", "seed", "layout", "segment_length", "segment_count", "cells", "n_positions", "keys")
 
@@ -247,42 +240,37 @@ class BloomierTable:
 
     # ------------------------------------------------------------------------- queries
 
-    def query(self, keys: np.ndarray, threads: int | None = None) -> np.ndarray:
+    def query(self, keys: np.ndarray) -> np.ndarray:
         """The ``t``-bit answer for each key (uint8 for t <= 8, else uint16)."""
         keys = np.asarray(keys)
         if keys.size and (not np.issubdtype(keys.dtype, np.integer) or int(keys.min()) < 0):
             raise ValueError("keys must be non-negative integers")
         flat = keys.ravel()
         out = np.empty(flat.size, dtype=self._cells.dtype)
-
-        def fill(buffers: _QueryBuffers, start: int, stop: int) -> None:
+        buffers = _QueryBuffers(min(QUERY_CHUNK, max(flat.size, 1)), self._cells.dtype)
+        for start in range(0, flat.size, QUERY_CHUNK):
+            stop = min(start + QUERY_CHUNK, flat.size)
             hashes = position_hash(flat[start:stop], self.seed, buffers.hashes[: stop - start], buffers.scratch)
             self._answer(hashes, out[start:stop], buffers)
-
-        self._run_chunks(flat.size, fill, threads)
         return out.reshape(keys.shape)
 
     def query_all(
-        self, n_positions: int | None = None, threads: int | None = None, out: np.ndarray | None = None
+        self, n_positions: int | None = None, workers: int | None = None, out: np.ndarray | None = None
     ) -> np.ndarray:
         """Answers for every position ``0 .. n_positions-1`` (default: the table's ``n_positions``).
 
-        Works in pieces, so beyond ``out`` it needs only ~1 MiB of scratch on one thread
-        (:data:`QUERY_CHUNK` positions), ~10 MiB per thread when ``threads`` (default: the
-        usable CPUs, at most 8) share a large query (:data:`PARALLEL_QUERY_CHUNK`).
+        Works in pieces of :data:`QUERY_CHUNK` positions, so beyond ``out`` it needs ~1 MiB
+        of scratch. Long queries are shared with helper processes, up to ``workers`` cores in
+        all (default: the usable CPUs, at most 8); see :mod:`weightless_cli.codecs.parallel`.
         """
         count = self.n_positions if n_positions is None else n_positions
         if not 0 <= count <= MAX_POSITIONS:
             raise ValueError(f"n_positions must be in [0, {MAX_POSITIONS}], got {count}")
         if out is None:
             out = np.empty(count, dtype=self._cells.dtype)
-        elif out.shape != (count,) or out.dtype != self._cells.dtype:
-            raise ValueError(f"out must be a ({count},) {self._cells.dtype} array")
-
-        def fill(buffers: _QueryBuffers, start: int, stop: int) -> None:
-            self._answer_range(start, stop, out[start:stop], buffers)
-
-        self._run_chunks(count, fill, threads)
+        elif out.shape != (count,) or out.dtype != self._cells.dtype or not out.flags.c_contiguous:
+            raise ValueError(f"out must be a contiguous ({count},) {self._cells.dtype} array")
+        _fill_range(self, count, out, workers)
         return out
 
     def _answer_range(self, start: int, stop: int, out: np.ndarray, buffers: _QueryBuffers) -> None:
@@ -332,34 +320,6 @@ class BloomierTable:
                 np.take(cells[base:], index.view(np.int64), out=fetched, mode="wrap")
                 np.bitwise_xor(out, fetched, out=out)
 
-    def _run_chunks(self, count: int, fill, threads: int | None) -> None:
-        """Call ``fill(buffers, start, stop)`` over ``[0, count)`` in chunks, on up to ``threads`` threads.
-
-        Threads take :data:`PARALLEL_QUERY_CHUNK` positions at a time, so a query too small
-        to give each of two threads such a chunk runs on one thread, in :data:`QUERY_CHUNK`s.
-        """
-        wanted = default_threads() if threads is None else threads
-        workers = max(1, min(wanted, count // PARALLEL_QUERY_CHUNK))
-        chunk = PARALLEL_QUERY_CHUNK if workers > 1 else QUERY_CHUNK
-        chunk_starts = itertools.count(0, chunk)
-        lock = threading.Lock()
-
-        def worker() -> None:
-            buffers = _QueryBuffers(min(chunk, max(count, 1)), self._cells.dtype)
-            while True:
-                with lock:
-                    start = next(chunk_starts)
-                if start >= count:
-                    return
-                fill(buffers, start, min(start + chunk, count))
-
-        if workers == 1:
-            worker()
-            return
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            for future in [pool.submit(worker) for _ in range(workers)]:
-                future.result()
-
 
 class _QueryBuffers:
     """Per-thread scratch for one chunk of queries."""
@@ -374,13 +334,37 @@ class _QueryBuffers:
         self.ramp = np.arange(size, dtype=_U64)
 
 
-def default_threads() -> int:
-    """Threads used when none are given: the CPUs this process may run on, at most 8."""
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        usable = os.cpu_count() or 1
-    return max(1, min(8, usable))
+def _fill_range(
+    table: BloomierTable, count: int, out: np.ndarray, workers: int | None,
+    zero: int | None = None, lookup: np.ndarray | None = None,
+) -> None:
+    """``out[:count]`` = the answers for positions ``0 .. count-1``, finished as :func:`_range_filler` says."""
+    job = parallel.RangeJob(_range_filler, (table, min(QUERY_CHUNK, max(count, 1)), zero, lookup), out.dtype)
+    parallel.run_range(count, job, out, workers)
+
+
+def _range_filler(
+    table: BloomierTable, chunk: int, zero: int | None, lookup: np.ndarray | None
+) -> Callable[[int, int, np.ndarray], None]:
+    """``fill(start, stop, out)``: the answers for positions ``start .. stop-1``, capped at ``zero``
+    if given (codebook ids), or looked up in ``lookup`` if given (weights).
+
+    Helper processes unpickle and call this too, so it is a module-level function.
+    """
+    buffers = _QueryBuffers(chunk, table._cells.dtype)
+
+    def fill(start: int, stop: int, out: np.ndarray) -> None:
+        for piece_start in range(start, stop, chunk):
+            piece_stop = min(piece_start + chunk, stop)
+            piece = out[piece_start - start : piece_stop - start]
+            answers = piece if lookup is None else buffers.answers[: piece_stop - piece_start]
+            table._answer_range(piece_start, piece_stop, answers, buffers)
+            if zero is not None:
+                np.minimum(piece, piece.dtype.type(zero), out=piece)  # while the piece is still in cache
+            if lookup is not None:
+                np.take(lookup, answers, out=piece, mode="wrap")
+
+    return fill
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -739,22 +723,16 @@ def encode_positions(
     return build_table(positions, ids, t, seed, n_positions=n_positions)
 
 
-def decode_ids(table: BloomierTable, n_positions: int, k: int, threads: int | None = None) -> np.ndarray:
+def decode_ids(table: BloomierTable, n_positions: int, k: int, workers: int | None = None) -> np.ndarray:
     """Codebook index per position, with ``k`` (the codebook size) standing for zero.
 
     Returns uint8 (t <= 8) or uint16; look weights up as ``np.append(codebook, 0)[ids]``,
-    or use :func:`decode_values` to skip the index array.
+    or use :func:`decode_values` to skip the index array. ``workers`` as in
+    :meth:`BloomierTable.query_all`.
     """
     _check_decode(table, n_positions, k)
     ids = np.empty(n_positions, dtype=table._cells.dtype)
-    zero = ids.dtype.type(k)
-
-    def fill(buffers: _QueryBuffers, start: int, stop: int) -> None:
-        chunk = ids[start:stop]
-        table._answer_range(start, stop, chunk, buffers)
-        np.minimum(chunk, zero, out=chunk)  # while the chunk is still in cache
-
-    table._run_chunks(n_positions, fill, threads)
+    _fill_range(table, n_positions, ids, workers, zero=k)
     return ids
 
 
@@ -762,13 +740,13 @@ def decode_values(
     table: BloomierTable,
     n_positions: int,
     codebook: np.ndarray,
-    threads: int | None = None,
+    workers: int | None = None,
     out: np.ndarray | None = None,
 ) -> np.ndarray:
     """The dense weights: ``codebook[id]`` per position, 0 where the answer is ``>= len(codebook)``.
 
     Streams chunk by chunk into ``out`` (default: a new array of ``codebook.dtype``), so no
-    index array of the tensor's size is ever made.
+    index array of the tensor's size is ever made. ``workers`` as in :meth:`BloomierTable.query_all`.
     """
     codebook = np.asarray(codebook).ravel()
     k = codebook.size
@@ -777,15 +755,9 @@ def decode_values(
     lookup[:k] = codebook
     if out is None:
         out = np.empty(n_positions, dtype=codebook.dtype)
-    elif out.shape != (n_positions,) or out.dtype != codebook.dtype:
-        raise ValueError(f"out must be a ({n_positions},) {codebook.dtype} array")
-
-    def fill(buffers: _QueryBuffers, start: int, stop: int) -> None:
-        answers = buffers.answers[: stop - start]
-        table._answer_range(start, stop, answers, buffers)
-        np.take(lookup, answers, out=out[start:stop], mode="wrap")
-
-    table._run_chunks(n_positions, fill, threads)
+    elif out.shape != (n_positions,) or out.dtype != codebook.dtype or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a contiguous ({n_positions},) {codebook.dtype} array")
+    _fill_range(table, n_positions, out, workers, lookup=lookup)
     return out
 
 
