@@ -24,7 +24,7 @@ zero position is decoded as nonzero (a false positive) with probability ``K / 2*
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -322,7 +322,7 @@ class BloomierTable:
 
 
 class _QueryBuffers:
-    """Per-thread scratch for one chunk of queries."""
+    """Scratch for one chunk of queries (each worker has its own)."""
 
     def __init__(self, size: int, dtype: np.dtype) -> None:
         self.hashes = np.empty(size, dtype=_U64)
@@ -335,17 +335,19 @@ class _QueryBuffers:
 
 
 def _fill_range(
-    table: BloomierTable, count: int, out: np.ndarray, workers: int | None,
-    zero: int | None = None, lookup: np.ndarray | None = None,
+    table: BloomierTable,
+    count: int,
+    out: np.ndarray,
+    workers: int | None,
+    zero: int | None = None,
+    lookup: np.ndarray | None = None,
 ) -> None:
     """``out[:count]`` = the answers for positions ``0 .. count-1``, finished as :func:`_range_filler` says."""
     job = parallel.RangeJob(_range_filler, (table, min(QUERY_CHUNK, max(count, 1)), zero, lookup), out.dtype)
     parallel.run_range(count, job, out, workers)
 
 
-def _range_filler(
-    table: BloomierTable, chunk: int, zero: int | None, lookup: np.ndarray | None
-) -> Callable[[int, int, np.ndarray], None]:
+def _range_filler(table: BloomierTable, chunk: int, zero: int | None, lookup: np.ndarray | None) -> parallel.Fill:
     """``fill(start, stop, out)``: the answers for positions ``start .. stop-1``, capped at ``zero``
     if given (codebook ids), or looked up in ``lookup`` if given (weights).
 
