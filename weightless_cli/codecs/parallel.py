@@ -96,7 +96,9 @@ def run_range(count: int, job: RangeJob, out: np.ndarray, workers: int | None = 
         raise ValueError(f"out must be a 1-D {job.dtype} array of at least {count} elements")
     fill = job.factory(*job.args)
     wanted = default_workers() if workers is None else max(1, workers)
-    shareable = wanted > 1 and count >= MIN_SHARED and out.flags.c_contiguous and os.name == "posix"
+    # Helpers need a Python to start (an embedding application may have none) and POSIX pipes for select().
+    can_start = bool(sys.executable) and os.name == "posix"
+    shareable = can_start and wanted > 1 and count >= MIN_SHARED and out.flags.c_contiguous
     if not shareable:
         fill(0, count, out[:count])
         return
