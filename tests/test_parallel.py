@@ -1,7 +1,10 @@
 """Sharing a range with helper processes: same bytes as one core, and nothing depends on the helpers."""
 
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -96,3 +99,32 @@ def test_out_must_match_the_job():
         parallel.run_range(10, job, np.empty(10, dtype=np.uint16))
     with pytest.raises(ValueError, match="at least 10"):
         parallel.run_range(10, job, np.empty(9, dtype=np.uint8))
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_helpers_exit_when_their_parent_dies_without_cleaning_up():
+    script = (
+        "import os, select, sys\n"
+        "from weightless_cli.codecs import parallel\n"
+        "with parallel._POOL.borrow(2) as helpers:\n"
+        "    for helper in helpers:\n"
+        "        select.select([helper.reader], [], [], 30)\n"
+        "    print(' '.join(str(helper.process.pid) for helper in helpers), flush=True)\n"
+        "os._exit(0)  # no atexit: only the closed pipes tell the helpers\n"
+    )
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    pids = [int(pid) for pid in child.stdout.split()]
+    assert len(pids) == 2
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and any(_running(pid) for pid in pids):
+        time.sleep(0.05)
+    assert not any(_running(pid) for pid in pids)
+
+
+def _running(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie (the helpers' parent is gone, so init reaps them)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
