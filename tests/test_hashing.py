@@ -72,13 +72,23 @@ def test_position_hash_is_fmix64_of_key_plus_seed_word(keys, seed):
     assert position_hash(np.array(keys, dtype=np.uint64), seed).tolist() == expected
 
 
-def test_position_hash_range_equals_position_hash_of_the_range():
-    start, count, seed = (1 << 33) - 100, 1000, 42
+@pytest.mark.parametrize("word_start", [
+    (1 << 33) - 100,  # hashed words cross a multiple of 2**33: fmix64's first shift changes mid-range
+    5 << 33,  # they start on one
+    (5 << 33) + 77,  # one 2**33 block: the shortcut
+    (1 << 64) - 10,  # they wrap past 2**64
+])
+@pytest.mark.parametrize("seed", [0, 42])
+def test_position_hash_range_equals_position_hash_of_the_range(word_start, seed):
+    start = (word_start - seed_word(seed)) % (1 << 64)  # the first key whose hashed word is word_start
+    count = 1000
     out = np.empty(2048, dtype=np.uint64)
     scratch = np.empty(2048, dtype=np.uint64)
     ramp = np.arange(2048, dtype=np.uint64)
     got = position_hash_range(start, count, seed, out, scratch, ramp)
-    assert got.tolist() == position_hash(np.arange(start, start + count, dtype=np.uint64), seed).tolist()
+    keys = (np.arange(count, dtype=np.uint64) + np.uint64(start))  # wraps like the words do
+    assert got.tolist() == position_hash(keys, seed).tolist()
+    assert got[:3].tolist() == [fmix64_int(start + i + seed_word(seed)) for i in range(3)]
 
 
 def test_seed_words_differ_and_seed_is_checked():

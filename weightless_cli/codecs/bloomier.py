@@ -285,9 +285,8 @@ class BloomierTable:
         cells = self._cells
         hi = buffers.scratch[:n]
         np.right_shift(hashes, _U64(32), out=hi)
-        # The mask first, while the whole hash is still at hand.
-        np.bitwise_xor(hashes, hi, out=index)
-        np.copyto(out, index, casting="unsafe")
+        # The mask first, while the whole hash is still at hand; XOR straight into the narrow output.
+        np.bitwise_xor(hashes, hi, out=out, casting="unsafe")
         if self.t not in (8, 16):
             np.bitwise_and(out, out.dtype.type((1 << self.t) - 1), out=out)
         layout = self.layout

@@ -56,9 +56,14 @@ def fmix64(values: np.ndarray, out: np.ndarray | None = None, scratch: np.ndarra
     elif out is not values:
         np.copyto(out, values, casting="unsafe")
     scratch = np.empty_like(out) if scratch is None else scratch[: out.size]
-    shift = _U64(33)
-    np.right_shift(out, shift, out=scratch)
+    np.right_shift(out, _U64(33), out=scratch)
     np.bitwise_xor(out, scratch, out=out)
+    return _fmix64_rest(out, scratch)
+
+
+def _fmix64_rest(out: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+    """fmix64 after its first ``x ^= x >> 33``, in place."""
+    shift = _U64(33)
     np.multiply(out, _U64(FMIX64_C1), out=out)
     np.right_shift(out, shift, out=scratch)
     np.bitwise_xor(out, scratch, out=out)
@@ -101,6 +106,12 @@ def position_hash_range(
     dest = out[:count]
     offset = (start + seed_word(seed)) & MASK64
     np.add(ramp[:count], _U64(offset), out=dest)
+    last = offset + max(count, 1) - 1
+    if last <= MASK64 and offset >> 33 == last >> 33:
+        # Consecutive words that neither wrap nor cross a multiple of 2**33 share ``x >> 33``,
+        # so fmix64's first step is one XOR with a constant (a pass less).
+        np.bitwise_xor(dest, _U64(offset >> 33), out=dest)
+        return _fmix64_rest(dest, scratch[:count])
     return fmix64(dest, out=dest, scratch=scratch[:count])
 
 
