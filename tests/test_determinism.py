@@ -1,5 +1,5 @@
 """Same inputs and seed ⇒ byte-identical outputs: run after run, in this process or a fresh one, with one
-thread or two (OMP_NUM_THREADS for numpy's BLAS, CPU affinity for the Bloomier query threads)."""
+thread or two (OMP_NUM_THREADS for numpy's BLAS, CPU affinity for the Bloomier decode's helper processes)."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def _run_in_subprocess(folder: Path, src: Path, threads: int) -> dict[str, bytes
            "MKL_NUM_THREADS": str(threads)}
     cpus = sorted(os.sched_getaffinity(0))[:threads]
 
-    def pin() -> None:  # bloomier sizes its query thread pool from the CPUs it may use
+    def pin() -> None:  # the Bloomier decode starts helper processes for the CPUs it may use
         os.sched_setaffinity(0, cpus)
 
     subprocess.run([sys.executable, "-c", _RUNNER, str(folder), json.dumps(_commands(src))], env=env,
@@ -89,3 +89,53 @@ def test_pipeline_outputs_are_byte_identical_across_runs_and_threads(capsys, tmp
     for name, outputs in runs.items():
         differing = sorted(f for f in first if outputs.get(f) != first[f])
         assert not differing, f"{name}: {differing} differ from the first run"
+
+
+# Decodes b.wl to d.onnx with helpers already started (a cold one may join too late for a
+# short decode), then says how many blocks they filled.
+_DECODE_RUNNER = """
+import os, sys
+from weightless_cli.cli import main
+from weightless_cli.codecs import parallel
+from tests.conftest import warm
+os.chdir(sys.argv[1])
+warm(parallel._POOL, parallel.default_workers() - 1)
+blocks = []
+receive = parallel._Helper.receive_block
+parallel._Helper.receive_block = lambda helper, out: blocks.append(1) or receive(helper, out)
+sys.argv = ["weightless", "decode", "b.wl", "-o", "d.onnx", "-q", "-f"]
+try:
+    main()
+except SystemExit as exc:
+    if exc.code:
+        raise
+print(len(blocks))
+"""
+
+
+def test_a_decode_shared_with_helper_processes_gives_the_same_bytes_on_one_cpu(capsys, tmp_path):
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two CPUs to compare one core with two")
+    from weightless_cli.codecs import parallel
+
+    src = factory.save(factory.mlp(sizes=(4096, 1024, 10), seed=4), tmp_path / "src.onnx")
+    assert parallel.MIN_SHARED <= 4096 * 1024  # fc1 is long enough to share
+    for command in (
+        ["prune", str(src), "-o", str(tmp_path / "p.onnx"), "--sparsity", "0.96"],
+        ["quantize", str(tmp_path / "p.onnx"), "-o", str(tmp_path / "q.onnx"), "--clusters", "16"],
+        ["encode", str(tmp_path / "q.onnx"), "-o", str(tmp_path / "b.wl"), "--fp-bits", "4"],
+    ):
+        assert run_cli(capsys, *command, "-q").code == 0
+    decoded = {}
+    for cpus in (1, 2):
+        folder = tmp_path / f"cpus-{cpus}"
+        folder.mkdir()
+        (folder / "b.wl").write_bytes((tmp_path / "b.wl").read_bytes())
+        allowed = sorted(os.sched_getaffinity(0))[:cpus]
+        child = subprocess.run([sys.executable, "-c", _DECODE_RUNNER, str(folder)], capture_output=True, text=True,
+                               preexec_fn=lambda allowed=allowed: os.sched_setaffinity(0, allowed), check=True,
+                               timeout=300, cwd=Path(__file__).resolve().parent.parent)
+        helper_blocks = int(child.stdout.split()[-1])
+        assert (helper_blocks > 0) == (cpus == 2)  # on two CPUs a helper process did part of fc1
+        decoded[cpus] = (folder / "d.onnx").read_bytes()
+    assert decoded[1] == decoded[2]
