@@ -47,8 +47,10 @@ def test_shared_range_gives_the_same_bytes_as_one_core(pool, helper_blocks, work
 
 
 def test_helpers_started_by_a_run_join_it_when_ready(pool, helper_blocks):
-    count = 400_000  # ~0.8 s on this thread: a cold helper starts in ~0.2 s
-    job = parallel.RangeJob(slow_formula, (3, 0.001, os.getpid(), None), np.dtype(np.uint8))
+    # ~3 s on this thread alone, so a cold helper (~0.2 s to start; more on a loaded machine)
+    # joins in time; it then takes 4,096-position blocks to this thread's 500, and the run ends early.
+    count = 400_000
+    job = parallel.RangeJob(slow_formula, (3, 0.004, os.getpid(), None), np.dtype(np.uint8))
     out = np.empty(count, dtype=np.uint8)
     parallel.run_range(count, job, out, workers=2)
     assert np.array_equal(out, expected(count, 3, np.uint8))
