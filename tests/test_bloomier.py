@@ -114,7 +114,7 @@ def test_decode_values_streams_the_codebook():
     ids = rng.integers(0, k, size=positions.size)
     codebook = rng.normal(size=k).astype(np.float32)
     table = encode_positions(positions, ids, n_positions, t=5)
-    dense = decode_values(table, n_positions, codebook, workers=2)
+    dense = decode_values(table, n_positions, codebook)
     assert dense.dtype == np.float32
     expected = np.append(codebook, np.float32(0))[decode_ids(table, n_positions, k)]
     assert np.array_equal(dense, expected)
@@ -136,6 +136,18 @@ def test_query_all_and_decodes_give_the_same_bytes_on_any_number_of_cores(pool, 
             assert weights.tobytes() == np.append(codebook, np.zeros(3, np.float32))[everything].tobytes()
         assert np.array_equal(everything[keys], values)
     assert helper_blocks
+
+
+def test_a_given_output_array_must_fit_the_answers():
+    _, _, table = random_table(100, 5, universe=1000)
+    codebook = np.linspace(-1, 1, 7, dtype=np.float32)
+    for wrong in (np.empty(999, np.uint8), np.empty(1000, np.uint16), np.empty(2000, np.uint8)[::2]):
+        with pytest.raises(ValueError, match="contiguous"):
+            table.query_all(out=wrong)
+    with pytest.raises(ValueError, match="float32"):
+        decode_values(table, 1000, codebook, out=np.empty(1000, np.float64))
+    given = np.empty(1000, np.float32)
+    assert decode_values(table, 1000, codebook, out=given) is given
 
 
 def test_same_input_and_seed_give_identical_tables():

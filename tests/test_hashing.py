@@ -86,7 +86,7 @@ def test_position_hash_range_equals_position_hash_of_the_range(word_start, seed)
     scratch = np.empty(2048, dtype=np.uint64)
     ramp = np.arange(2048, dtype=np.uint64)
     got = position_hash_range(start, count, seed, out, scratch, ramp)
-    keys = (np.arange(count, dtype=np.uint64) + np.uint64(start))  # wraps like the words do
+    keys = np.arange(count, dtype=np.uint64) + np.uint64(start)  # wraps like the words do
     assert got.tolist() == position_hash(keys, seed).tolist()
     assert got[:3].tolist() == [fmix64_int(start + i + seed_word(seed)) for i in range(3)]
 

@@ -266,10 +266,7 @@ class BloomierTable:
         count = self.n_positions if n_positions is None else n_positions
         if not 0 <= count <= MAX_POSITIONS:
             raise ValueError(f"n_positions must be in [0, {MAX_POSITIONS}], got {count}")
-        if out is None:
-            out = np.empty(count, dtype=self._cells.dtype)
-        elif out.shape != (count,) or out.dtype != self._cells.dtype or not out.flags.c_contiguous:
-            raise ValueError(f"out must be a contiguous ({count},) {self._cells.dtype} array")
+        out = _output_array(out, count, self._cells.dtype)
         _fill_range(self, count, out, workers)
         return out
 
@@ -331,6 +328,15 @@ class _QueryBuffers:
         self.fetched = np.empty(size, dtype=dtype)
         self.answers = np.empty(size, dtype=dtype)
         self.ramp = np.arange(size, dtype=_U64)
+
+
+def _output_array(out: np.ndarray | None, count: int, dtype: np.dtype) -> np.ndarray:
+    """A new ``(count,)`` array of ``dtype``, or ``out`` once checked to be one (and contiguous)."""
+    if out is None:
+        return np.empty(count, dtype=dtype)
+    if out.shape != (count,) or out.dtype != dtype or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a contiguous ({count},) {np.dtype(dtype)} array")
+    return out
 
 
 def _fill_range(
@@ -754,10 +760,7 @@ def decode_values(
     _check_decode(table, n_positions, k)
     lookup = np.zeros(1 << table.t, dtype=codebook.dtype)  # every answer >= k reads 0
     lookup[:k] = codebook
-    if out is None:
-        out = np.empty(n_positions, dtype=codebook.dtype)
-    elif out.shape != (n_positions,) or out.dtype != codebook.dtype or not out.flags.c_contiguous:
-        raise ValueError(f"out must be a contiguous ({n_positions},) {codebook.dtype} array")
+    out = _output_array(out, n_positions, codebook.dtype)
     _fill_range(table, n_positions, out, workers, lookup=lookup)
     return out
 

@@ -77,13 +77,17 @@ class RangeJob:
     dtype: np.dtype
 
 
-def default_workers() -> int:
-    """Cores used when none are given: the CPUs this process may run on, at most :data:`MAX_WORKERS`."""
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
     try:
-        usable = len(os.sched_getaffinity(0))
+        return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
-        usable = os.cpu_count() or 1
-    return max(1, min(MAX_WORKERS, usable))
+        return os.cpu_count() or 1
+
+
+def default_workers() -> int:
+    """Cores used when none are given: :func:`usable_cpus`, at most :data:`MAX_WORKERS`."""
+    return min(MAX_WORKERS, usable_cpus())
 
 
 def run_range(count: int, job: RangeJob, out: np.ndarray, workers: int | None = None) -> None:
@@ -222,7 +226,7 @@ class _Helper:
         return ok
 
     def send_job(self, payload: bytes) -> bool:
-        self.has_job = self._send(_HEADER.pack(b"JOB ", 0, len(payload), 0) + payload)
+        self.has_job = self._send(_HEADER.pack(b"JOB ", 0, len(payload), 0)) and self._send(payload)
         return self.has_job
 
     def send_fill(self, start: int, stop: int) -> bool:
@@ -279,11 +283,13 @@ class _Helper:
     def disown(self) -> None:
         """In a forked child: let go of the parent's pipes, so the helper still sees the parent's end."""
         self.alive = False
-        self.process.stdin.close()
-        self.process.stdout.close()
+        self._close_pipes()
 
     def _reap(self) -> None:
         self.process.wait()
+        self._close_pipes()
+
+    def _close_pipes(self) -> None:
         self.process.stdin.close()
         self.process.stdout.close()
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -43,6 +42,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from weightless_cli.codecs.parallel import usable_cpus
 from weightless_cli.errors import BadInputError, MissingExtraError, UsageError
 from weightless_cli.train import LR_SCHEDULES
 from weightless_cli.train.executor import MISSING_TORCH_MESSAGE, OnnxModule, weight_arrays
@@ -310,8 +310,7 @@ def _input_tensor(x: np.ndarray) -> torch.Tensor:
 
 def default_threads() -> int:
     """All CPUs but one (at most 8): small models scale poorly, and oversubscribed CPUs slow torch badly."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(cpus - 1, 8))
+    return max(1, min(usable_cpus() - 1, 8))
 
 
 @contextlib.contextmanager
